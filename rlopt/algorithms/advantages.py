@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .registry import ADVANTAGES, check_range
+from .registry import ADVANTAGES, as_float, check_range
 
 ReduceFn = Optional[Callable[[Tensor], Tensor]]
 
@@ -53,8 +53,8 @@ class AdvantageEstimator:
             valid = torch.ones(n, dtype=torch.bool, device=mask.device)
         elif valid.shape != (n,):
             raise ValueError(f"valid must be [N]={n}, got shape {list(valid.shape)}")
-        r = torch.where(valid.view(-1, *([1] * (rewards.dim() - 1))), rewards.float(),
-                        torch.zeros((), device=rewards.device))
+        r = as_float(rewards)
+        r = torch.where(valid.view(-1, *([1] * (rewards.dim() - 1))), r, torch.zeros((), dtype=r.dtype, device=r.device))
         return r, valid
 
     def params(self) -> dict:
@@ -68,7 +68,7 @@ class AdvantageEstimator:
 def _group_stats(r: Tensor, v: Tensor, group_size: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, std and count over the valid members of each group, broadcast back to [N]."""
     rg = r.view(-1, group_size)  # [B, G]
-    vg = v.view(-1, group_size).float()  # [B, G]
+    vg = v.view(-1, group_size).to(r.dtype)  # [B, G]
     cnt = vg.sum(-1, keepdim=True)  # [B, 1]
     mean = (rg * vg).sum(-1, keepdim=True) / cnt.clamp(min=1)  # [B, 1]
     dof = (cnt - 1) if unbiased else cnt
@@ -76,6 +76,15 @@ def _group_stats(r: Tensor, v: Tensor, group_size: int, unbiased: bool) -> tuple
     shape = rg.shape
     return (mean.expand(shape).reshape(-1), var.sqrt().expand(shape).reshape(-1),
             cnt.expand(shape).reshape(-1))
+
+
+def _group_tied(r: Tensor, v: Tensor, group_size: int) -> Tensor:
+    """[N] bool: the valid rewards of the row's group are all equal (exactly). Such a group must
+    get A = 0; its float mean need not equal the rewards exactly (3 x 0.1), so test it directly."""
+    rg, vg = r.view(-1, group_size), v.view(-1, group_size)  # [B, G]
+    hi = torch.where(vg, rg, torch.full_like(rg, -float("inf"))).amax(-1, keepdim=True)  # [B, 1]
+    lo = torch.where(vg, rg, torch.full_like(rg, float("inf"))).amin(-1, keepdim=True)  # [B, 1]
+    return (hi <= lo).expand(rg.shape).reshape(-1)
 
 
 @ADVANTAGES.register("group_baseline")
@@ -88,7 +97,7 @@ class GroupBaseline(AdvantageEstimator):
     ``std``: ``"unbiased"`` (N-1, as verl and TRL) or ``"population"``.
     ``leave_one_out``: baseline is the mean of the *other* G-1 rewards (RLOO, arXiv 2402.14740),
     which equals ``G/(G-1) * (R_i - mean_g R)``.
-    A group whose rewards are all equal gets A = 0 (the numerator is exactly zero).
+    A group whose (valid) rewards are all equal gets A = 0, also with ``eps=0``.
     """
 
     requires_groups = True
@@ -117,7 +126,7 @@ class GroupBaseline(AdvantageEstimator):
         if self.scale == "group":
             centred = centred / (gstd + self.eps)
         elif self.scale == "batch":
-            vf = v.float()
+            vf = v.to(r.dtype)
             stats = torch.stack([(r * vf).sum(), (r * r * vf).sum(), vf.sum()])  # [3]
             if reduce_sum is not None:
                 stats = reduce_sum(stats)
@@ -126,7 +135,8 @@ class GroupBaseline(AdvantageEstimator):
             dof = (n - 1) if unbiased else n
             bvar = ((s2 - n * bmean * bmean) / dof.clamp(min=1)).clamp(min=0)
             centred = centred / (bvar.sqrt() + self.eps)
-        adv = torch.where(v, centred, torch.zeros_like(centred))  # [N]
+        keep = v & ~_group_tied(r, v, int(group_size))  # tied groups: A = 0, not 0/0 = NaN when eps=0
+        adv = torch.where(keep, centred, torch.zeros_like(centred))  # [N]
         return adv[:, None] * mask.to(adv.dtype)  # [N, T]
 
 
@@ -147,11 +157,12 @@ class GroupContrast(AdvantageEstimator):
                  valid: Tensor | None = None, reduce_sum: ReduceFn = None) -> Tensor:
         r, v = self._prepare(rewards, mask, group_size, valid)  # [N], [N]
         mean, _, _ = _group_stats(r, v, int(group_size), unbiased=False)  # [N]
+        v = v & ~_group_tied(r, v, int(group_size))  # all equal: no good, no bad (float mean may be off by an ulp)
         good = (r > mean + self.atol) & v  # [N]
         bad = (r < mean - self.atol) & v  # [N]
         n_good = good.view(-1, int(group_size)).sum(-1, keepdim=True).expand(-1, int(group_size)).reshape(-1)
         n_bad = bad.view(-1, int(group_size)).sum(-1, keepdim=True).expand(-1, int(group_size)).reshape(-1)
-        adv = good.float() / n_good.clamp(min=1) - bad.float() / n_bad.clamp(min=1)  # [N]
+        adv = good.to(r.dtype) / n_good.clamp(min=1) - bad.to(r.dtype) / n_bad.clamp(min=1)  # [N]
         return adv[:, None] * mask.to(adv.dtype)  # [N, T]
 
 
@@ -173,7 +184,7 @@ class DiscountedReturn(AdvantageEstimator):
     def __call__(self, rewards: Tensor, mask: Tensor, group_size: int | None = None,
                  valid: Tensor | None = None, reduce_sum: ReduceFn = None) -> Tensor:
         r, v = self._prepare(rewards, mask, group_size, valid)
-        m = mask.float()  # [N, T]
+        m = mask.to(r.dtype)  # [N, T]
         if r.dim() == 1:
             t = mask.shape[1]
             pos = torch.arange(t, device=mask.device).expand_as(m)  # [N, T]
@@ -190,7 +201,7 @@ class DiscountedReturn(AdvantageEstimator):
         for t in range(per_tok.shape[1] - 1, -1, -1):
             running = (per_tok[:, t] + self.gamma * running) * m[:, t]
             ret[:, t] = running
-        vm = m * v[:, None].float()  # [N, T]
+        vm = m * v[:, None].to(r.dtype)  # [N, T]
         if self.whiten:
             stats = torch.stack([(ret * vm).sum(), (ret * ret * vm).sum(), vm.sum()])
             if reduce_sum is not None:

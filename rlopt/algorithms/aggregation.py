@@ -29,6 +29,7 @@ class Aggregation:
     def __call__(self, values: Tensor, mask: Tensor, normalizer: Tensor | float | None = None) -> Tensor:
         check_shapes(values=values, mask=mask)
         m = mask.to(values.dtype)  # [N, T]
+        values = values.masked_fill(m == 0, 0.0)  # padding never contributes, even inf/NaN
         denom = self.count(m) if normalizer is None else normalizer
         if isinstance(denom, Tensor):
             denom = denom.to(values.dtype).clamp(min=1)

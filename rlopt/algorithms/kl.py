@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .registry import KL_ESTIMATORS, check_shapes
+from .registry import KL_ESTIMATORS, as_float, check_shapes
 
 _CLAMP = 20.0
 
 
 def _x(logp: Tensor, ref_logp: Tensor) -> Tensor:
     check_shapes(logp=logp, ref_logp=ref_logp)
-    return (ref_logp.float().detach() - logp.float()).clamp(-_CLAMP, _CLAMP)  # [N, T]
+    return (as_float(ref_logp).detach() - as_float(logp)).clamp(-_CLAMP, _CLAMP)  # [N, T]
 
 
 @KL_ESTIMATORS.register("k1")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import check_range
+from .registry import as_float, check_range
 
 
 def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, chunk_rows: int = 1024,
@@ -26,17 +26,19 @@ def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0, chunk_
     flat = logits.reshape(-1, v)  # [R, V]
     flat_ids = ids.reshape(-1)  # [R]
     out, ents = [], []
-    for start in range(0, flat.shape[0], max(int(chunk_rows), 1)):
-        z = flat[start:start + chunk_rows].float()  # [c, V]
+    step = max(int(chunk_rows), 1)
+    for start in range(0, flat.shape[0], step):
+        z = as_float(flat[start:start + step])  # [c, V]
         if tau != 1.0:
             z = z / tau
         lse = torch.logsumexp(z, dim=-1)  # [c]
-        chosen = z.gather(-1, flat_ids[start:start + chunk_rows, None]).squeeze(-1)  # [c]
+        chosen = z.gather(-1, flat_ids[start:start + step, None]).squeeze(-1)  # [c]
         out.append(chosen - lse)
         if return_entropy:
             p = torch.softmax(z, dim=-1)  # [c, V]
             ents.append(lse - (p * z).sum(-1))
-    logp = torch.cat(out).view(ids.shape) if out else flat.new_zeros(ids.shape, dtype=torch.float32)
+    empty_dtype = torch.promote_types(flat.dtype, torch.float32)
+    logp = torch.cat(out).view(ids.shape) if out else flat.new_zeros(ids.shape, dtype=empty_dtype)
     if not return_entropy:
         return logp
     ent = torch.cat(ents).view(ids.shape) if ents else torch.zeros_like(logp)

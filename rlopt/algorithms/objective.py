@@ -18,7 +18,7 @@ from torch import Tensor
 from .aggregation import Aggregation
 from .clipping import ClipStrategy
 from .ratios import RatioScheme
-from .registry import AGGREGATIONS, CLIPPING, KL_ESTIMATORS, RATIOS, check_range, check_shapes
+from .registry import AGGREGATIONS, CLIPPING, KL_ESTIMATORS, RATIOS, as_float, check_range, check_shapes
 
 CLIP_FLAGS = ("low", "high", "region", "cap", "outside")
 
@@ -62,8 +62,12 @@ class PolicyObjective:
                  normalizer: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         check_shapes(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                      ref_logp=ref_logp, entropy=entropy)
+        keep = mask != 0  # padding may hold anything, even inf/NaN: zero it before any math
+        logp = torch.where(keep, logp, 0.0)
+        ref_logp = None if ref_logp is None else torch.where(keep, ref_logp, 0.0)
+        entropy = None if entropy is None else torch.where(keep, as_float(entropy), 0.0)
         m = mask.float()  # [N, T]
-        adv = advantages.float().detach()  # [N, T]
+        adv = torch.where(keep, as_float(advantages), 0.0).detach()  # [N, T]
         ratio, log_ratio = self.ratio(logp, old_logp, m)  # [N, T], [N, T]
         loss_tok, flags = self.clip(ratio, adv, log_ratio)  # [N, T], {k: [N, T] bool}
         policy_loss = self.aggregation(loss_tok, m, normalizer)
@@ -79,10 +83,10 @@ class PolicyObjective:
         elif self.needs_reference:
             raise ValueError("kl_coef > 0 but ref_logp was not given")
         if entropy is not None:
-            ent_loss = self.aggregation(entropy.float(), m, normalizer)
+            ent_loss = self.aggregation(as_float(entropy), m, normalizer)
             if self.entropy_coef != 0:
                 loss = loss - self.entropy_coef * ent_loss
-            metrics["entropy/mean"] = masked_mean(entropy.detach().float(), m)
+            metrics["entropy/mean"] = masked_mean(as_float(entropy.detach()), m)
         metrics["loss/total"] = loss.detach()
         metrics.update(clip_metrics(flags, m))
         with torch.no_grad():

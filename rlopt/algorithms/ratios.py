@@ -2,9 +2,10 @@
 
     ratio, log_ratio = SequenceRatio()(logp, old_logp, mask)    # GSPO s_i on every token of i
 
-Log-ratios are computed in float32 and clamped to ``[-max_log_ratio, max_log_ratio]`` before
-``exp`` so nothing overflows (the clamp also stops the gradient of a token that far off-policy).
-Padding positions (mask 0) get log-ratio 0, ratio 1.
+Log-ratios are computed in float32 (float64 stays float64) and clamped to
+``[-max_log_ratio, max_log_ratio]`` before ``exp`` so nothing overflows (the clamp also stops the
+gradient of a token that far off-policy). Padding positions (mask 0) get log-ratio 0, ratio 1,
+whatever they hold (even inf/NaN).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import RATIOS, check_range, check_shapes
+from .registry import RATIOS, as_float, check_range, check_shapes
 
 
 class RatioScheme:
@@ -28,8 +29,11 @@ class RatioScheme:
 
     def __call__(self, logp: Tensor, old_logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         check_shapes(logp=logp, old_logp=old_logp, mask=mask)
-        m = mask.to(torch.float32)  # [N, T]
-        lr = self.log_ratio(logp.float(), old_logp.float().detach(), m)  # [N, T]
+        keep = mask != 0  # padding may hold anything, even inf/NaN: zero it before any math
+        lp = torch.where(keep, as_float(logp), 0.0)
+        olp = torch.where(keep, as_float(old_logp).detach(), 0.0)
+        m = mask.to(torch.promote_types(lp.dtype, olp.dtype))  # [N, T]
+        lr = self.log_ratio(lp, olp, m)  # [N, T]
         lr = lr.clamp(-self.max_log_ratio, self.max_log_ratio) * m  # [N, T]
         return torch.exp(lr), lr
 

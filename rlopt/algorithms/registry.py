@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -80,3 +82,8 @@ def check_shapes(**tensors: Any) -> None:
     if len(set(given.values())) > 1:
         desc = ", ".join(f"{k}{list(s)}" for k, s in given.items())
         raise ValueError(f"shape mismatch: {desc} must all have the same shape [N, T]")
+
+
+def as_float(x: Any) -> Any:
+    """Upcast to float32 for the math, but keep float64 as float64 (never silently downcast)."""
+    return x if x.dtype == torch.float64 else x.float()

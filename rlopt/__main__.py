@@ -1,0 +1,3 @@
+from rlopt.train import main
+
+main()

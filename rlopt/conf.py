@@ -1,0 +1,59 @@
+"""Hydra/OmegaConf helpers: resolvers and the pre-flight check of a composed config.
+
+``check_config(cfg)`` builds the algorithm components (cheap) and checks the combination
+before any model is loaded, so a config mistake costs seconds. Errors name the config key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def _run_name(override_dirname: str | None) -> str:
+    name = re.sub(r"[/\\]", "_", override_dirname or "")
+    return name or "default"
+
+
+if not OmegaConf.has_resolver("rlopt_run_name"):
+    OmegaConf.register_new_resolver("rlopt_run_name", _run_name)
+
+
+def _build(cfg: DictConfig, key: str) -> Any:
+    try:
+        return instantiate(cfg[key])
+    except Exception as e:  # noqa: BLE001 - re-raised naming the key
+        cause = e.__cause__ or e
+        raise ValueError(f"config key {key!r}: {cause}") from e
+
+
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the composed config; return the built algorithm components."""
+    from .algorithms import PolicyObjective
+
+    parts = {k: _build(cfg, k) for k in ("advantage", "ratio", "clip", "aggregation", "rollout")}
+    try:
+        parts["advantage"].check_group_size(cfg.group_size)
+    except ValueError as e:
+        raise ValueError(f"config key 'group_size': {e}") from None
+    for key in ("ppo_epochs", "num_minibatches", "data.batch_size", "steps"):
+        if int(OmegaConf.select(cfg, key)) < 1:
+            raise ValueError(f"config key {key!r} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    n = int(cfg.data.batch_size) * int(cfg.group_size)
+    if n % int(cfg.num_minibatches) != 0:
+        raise ValueError(f"config key 'num_minibatches'={cfg.num_minibatches} does not divide the rollout batch "
+                         f"of data.batch_size x group_size = {n} completions")
+    if cfg.micro_batch_size is not None and int(cfg.micro_batch_size) < 1:
+        raise ValueError(f"config key 'micro_batch_size' must be >= 1 or null, got {cfg.micro_batch_size}")
+    loss = cfg.loss
+    try:
+        parts["objective"] = PolicyObjective(parts["ratio"], parts["clip"], parts["aggregation"], kl=loss.kl,
+                                             kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
+    except ValueError as e:
+        raise ValueError(f"config key 'loss': {e}") from None
+    if not cfg.task.rewards:
+        raise ValueError("config key 'task.rewards' is empty: at least one reward function is required")
+    return parts

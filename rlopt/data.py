@@ -1,0 +1,129 @@
+"""Prompt data: procedural tasks or Hugging Face ``datasets`` files, as a LightningDataModule.
+
+    dm = PromptDataModule(train=TaskSource(ReverseTask(), size=20000),
+                          val=TaskSource(ReverseTask(), split="test", size=128), batch_size=16)
+
+Each batch is a dict of lists: ``prompt`` plus every other column (passed to reward functions).
+``FileSource`` loads local jsonl / parquet / csv (or a hub name where a network exists) with
+``datasets.load_dataset``; ``prompt_column`` is renamed to ``prompt``. With ``chat_template=True``
+and a tokenizer, each prompt is wrapped as a user message with the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .tasks import ProceduralTask
+
+
+class TaskSource:
+    """Rows from a procedural task's split."""
+
+    def __init__(self, task: ProceduralTask, size: int, split: str = "train", seed: int = 0) -> None:
+        self.task, self.size, self.split, self.seed = task, int(size), split, seed
+
+    def load(self) -> list[dict[str, Any]]:
+        return self.task.rows(self.split, self.size, self.seed)
+
+
+class FileSource:
+    """Rows from ``datasets.load_dataset``: a local file (json/jsonl/parquet/csv) or a hub name."""
+
+    _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+    def __init__(self, path: str, split: str = "train", prompt_column: str = "prompt",
+                 limit: int | None = None, columns: dict[str, str] | None = None) -> None:
+        self.path, self.split, self.prompt_column, self.limit = path, split, prompt_column, limit
+        self.columns = dict(columns or {})
+
+    def load(self) -> list[dict[str, Any]]:
+        import datasets
+
+        ext = os.path.splitext(self.path)[1].lower()
+        if ext in self._BUILDERS:
+            if not os.path.exists(self.path):
+                raise ValueError(f"data file {self.path!r} does not exist")
+            ds = datasets.load_dataset(self._BUILDERS[ext], data_files=self.path, split="train")
+        else:
+            ds = datasets.load_dataset(self.path, split=self.split)
+        renames = {**self.columns, self.prompt_column: "prompt"}
+        for old, new in renames.items():
+            if old not in ds.column_names:
+                raise ValueError(f"data set {self.path!r} has no column {old!r} (columns: {ds.column_names}); "
+                                 "set prompt_column / columns to name it")
+            if old != new:
+                ds = ds.rename_column(old, new)
+        if self.limit is not None:
+            ds = ds.select(range(min(self.limit, len(ds))))
+        return [dict(r) for r in ds]
+
+
+class RowsDataset(Dataset):
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            raise ValueError("the prompt data set is empty")
+        if "prompt" not in rows[0]:
+            raise ValueError(f"rows need a 'prompt' column; got columns {sorted(rows[0])}")
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Batches of prompts (``batch_size`` prompts per rollout step; each is sampled G times)."""
+
+    def __init__(self, train: Any, val: Any | None = None, batch_size: int = 16, val_batch_size: int | None = None,
+                 seed: int = 0, tokenizer: Any = None, chat_template: bool = False, system_prompt: str | None = None) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        self.train_source, self.val_source = train, val
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
+        self.seed, self.tokenizer = seed, tokenizer
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.train_rows: list[dict[str, Any]] | None = None
+        self.val_rows: list[dict[str, Any]] | None = None
+
+    def _format(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.chat_template:
+            return rows
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("data.chat_template=true needs a tokenizer with a chat template")
+        out = []
+        for r in rows:
+            msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            msgs.append({"role": "user", "content": r["prompt"]})
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            out.append({**r, "prompt": text, "question": r["prompt"]})
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is None:
+            self.train_rows = self._format(self.train_source.load())
+            RowsDataset(self.train_rows)
+        if self.val_rows is None and self.val_source is not None:
+            self.val_rows = self._format(self.val_source.load())
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(RowsDataset(self.train_rows), batch_size=self.batch_size, shuffle=True,
+                          generator=g, collate_fn=collate_rows, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return []
+        return DataLoader(RowsDataset(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=collate_rows)

@@ -1,0 +1,353 @@
+"""PolicyOptModule: a LightningModule that trains a causal LM with any composed algorithm.
+
+    advantage, objective = build_preset("gspo")
+    module = PolicyOptModule(policy, tokenizer, advantage, objective,
+                             rewards=RewardSet({"match": partial_match}), group_size=4,
+                             ppo_epochs=1, num_minibatches=4)
+    L.Trainer(max_steps=200).fit(module, datamodule=dm)
+
+One training step = one rollout: sample G completions per prompt -> rewards -> advantages ->
+old (and reference) log-probs -> ``ppo_epochs`` x ``num_minibatches`` optimizer updates with
+gradient clipping. ``trainer.global_step`` counts rollouts: the updates are taken on the
+wrapped torch optimizer and one Lightning optimizer step (with no gradients, a no-op) closes
+the rollout. Loss normalisers are counted over the whole rollout batch on all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from .algorithms import AdvantageEstimator, PolicyObjective, token_logprobs
+from .rewards import RewardSet
+from .rollout import HFGenerate, Rollout, RolloutEngine
+
+
+class PolicyOptModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        advantage: AdvantageEstimator,
+        objective: PolicyObjective,
+        rewards: RewardSet,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        rollout: RolloutEngine | None = None,
+        group_size: int = 4,
+        ppo_epochs: int = 1,
+        num_minibatches: int = 1,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        mask_truncated: bool = False,
+        accuracy_fn: Callable[..., list[float]] | None = None,
+        log_samples_every: int = 50,
+        log_entropy: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = _prepare_tokenizer(tokenizer)
+        self.advantage = advantage
+        self.objective = objective
+        self.rewards = rewards
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-5))
+        self.scheduler_factory = scheduler
+        self.rollout = rollout or HFGenerate()
+        self.group_size = int(group_size)
+        self.ppo_epochs = int(ppo_epochs)
+        self.num_minibatches = int(num_minibatches)
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.mask_truncated = bool(mask_truncated)
+        self.accuracy_fn = accuracy_fn
+        self.log_samples_every = int(log_samples_every)
+        self.log_entropy = bool(log_entropy)
+        self.seed = int(seed)
+        advantage.check_group_size(self.group_size)
+        if self.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs={ppo_epochs} must be >= 1")
+        if self.num_minibatches < 1:
+            raise ValueError(f"num_minibatches={num_minibatches} must be >= 1")
+        # A reference policy exists only when the KL term is active (a frozen copy of the start).
+        self.ref_policy = None
+        self.reward_history: list[float] = []
+        if objective.needs_reference:
+            self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in (
+            "reward_greedy", "reward_sampled", "accuracy_greedy", "accuracy_sampled")})
+        self.save_hyperparameters(ignore=["policy", "tokenizer", "advantage", "objective", "rewards",
+                                          "optimizer", "scheduler", "rollout", "accuracy_fn"])
+
+    # ----------------------------------------------------------------------------- set-up
+    @property
+    def on_policy(self) -> bool:
+        """One update per rollout: the sampling policy is the updated one, ratio == 1 exactly."""
+        return self.ppo_epochs == 1 and self.num_minibatches == 1
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def _reduce_sum(self, t: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    # ----------------------------------------------------------------------------- pieces
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def sample(self, prompts: list[str], num_samples: int, greedy: bool = False) -> Rollout:
+        ids, mask = self.encode_prompts(prompts)
+        return self.rollout.generate(self.policy, ids, mask, num_samples, eos_token_id=self.tokenizer.eos_token_id,
+                                     pad_token_id=self.tokenizer.pad_token_id, greedy=greedy)
+
+    def decode(self, ro: Rollout) -> list[str]:
+        return self.tokenizer.batch_decode(ro.completion_ids.tolist(), skip_special_tokens=True)
+
+    def score(self, prompts: list[str], ro: Rollout, texts: list[str], columns: Mapping[str, list[Any]],
+              repeat: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        rep = lambda xs: [x for x in xs for _ in range(repeat)]  # noqa: E731 - groups are contiguous
+        cols = {k: rep(v) for k, v in columns.items()}
+        lengths = ro.completion_mask.sum(-1).tolist()
+        total, per_fn, valid = self.rewards(rep(prompts), texts, completion_lengths=lengths, **cols)
+        return total.to(self.device), {k: v.to(self.device) for k, v in per_fn.items()}, valid.to(self.device)
+
+    def completion_logprobs(self, model: torch.nn.Module, ro: Rollout, with_entropy: bool = False
+                            ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs ``[n, T]`` (and entropy) of the completion tokens under ``model``."""
+        ids, attn = ro.input_ids, ro.attention_mask  # [n, P+T]
+        t = ro.completion_ids.shape[1]
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                       logits_to_keep=t + 1).logits[:, :-1]  # [n, T, V]
+        if with_entropy:
+            return token_logprobs(logits, ro.completion_ids, self.rollout.temperature, return_entropy=True)
+        return token_logprobs(logits, ro.completion_ids, self.rollout.temperature), None
+
+    # ----------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        opt = self.optimizers()
+        g = self.group_size
+        prompts = batch["prompt"]
+        columns = {k: v for k, v in batch.items() if k != "prompt"}
+        t0 = time.perf_counter()
+
+        # 1. rollout: G samples per prompt, groups contiguous
+        ro = self.sample(prompts, g)
+        texts = self.decode(ro)
+        t_gen = time.perf_counter()
+
+        # 2. rewards and 3. advantages
+        rewards, per_fn, valid = self.score(prompts, ro, texts, columns, g)  # [N]
+        mask = ro.completion_mask.float()  # [N, T]
+        if self.mask_truncated:
+            mask = mask * (~ro.truncated).float()[:, None]
+        adv = self.advantage(rewards, mask, group_size=g, valid=valid, reduce_sum=self._reduce_sum)  # [N, T]
+
+        # 4. old and reference log-probs (no extra pass when exactly on-policy)
+        with torch.no_grad():
+            old_logp = None if self.on_policy else self.completion_logprobs(self.policy, ro)[0]  # [N, T]
+            ref_logp = self.completion_logprobs(self.ref_policy, ro)[0] if self.ref_policy is not None else None
+
+        # 5. ppo_epochs x minibatches of updates; normaliser over the whole rollout batch, all ranks
+        n = mask.shape[0]
+        normalizer = self._reduce_sum(self.objective.aggregation.count(mask)) / self.num_minibatches
+        scale = float(self._world())  # DDP averages gradients over ranks; undo it to sum
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        acc = _MetricAccumulator()
+        with_entropy = self.log_entropy or self.objective.entropy_coef != 0
+        keep_ratios = self.log_samples_every > 0 and self.global_step % self.log_samples_every == 0
+        micro = int(self.micro_batch_size or n)
+        for _epoch in range(self.ppo_epochs):
+            order = torch.randperm(n, generator=gen).to(self.device) if self.num_minibatches > 1 else torch.arange(n, device=self.device)
+            for mb in order.chunk(self.num_minibatches):
+                opt.zero_grad(set_to_none=True)
+                for idx in mb.split(micro):
+                    sub = ro.select(idx)
+                    logp, ent = self.completion_logprobs(self.policy, sub, with_entropy=with_entropy)
+                    old = logp.detach() if old_logp is None else old_logp[idx]
+                    loss, metrics = self.objective(logp, old, adv[idx], mask[idx],
+                                                   ref_logp=None if ref_logp is None else ref_logp[idx],
+                                                   entropy=ent if self.objective.entropy_coef != 0 else (None if ent is None else ent.detach()),
+                                                   normalizer=normalizer)
+                    self.manual_backward(loss * scale)
+                    acc.add(metrics, tokens=mask[idx].sum(), seqs=(mask[idx].sum(-1) > 0).float().sum())
+                    if keep_ratios:
+                        acc.ratios.append(torch.exp(logp.detach() - old)[mask[idx] > 0].float().cpu())
+                grad_norm = self._clip_and_step(opt)
+                acc.add_scalar("grad/norm", grad_norm)
+        # close the rollout: one Lightning optimizer step with no gradients (counts the step)
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+        sch = self.lr_schedulers()
+        if sch is not None:
+            sch.step()
+        t_end = time.perf_counter()
+        self._log_training(ro, rewards, per_fn, valid, mask, acc, texts, prompts, columns,
+                           t_gen - t0, t_end - t_gen)
+
+    def _clip_and_step(self, opt: Any) -> Tensor:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
+        opt.optimizer.step()
+        return norm.detach()
+
+    # ----------------------------------------------------------------------------- logging
+    def _log_training(self, ro: Rollout, rewards: Tensor, per_fn: dict[str, Tensor], valid: Tensor, mask: Tensor,
+                      acc: "_MetricAccumulator", texts: list[str], prompts: list[str],
+                      columns: Mapping[str, list[Any]], t_gen: float, t_upd: float) -> None:
+        g = self.group_size
+        lens = ro.completion_mask.sum(-1).float()  # [N]
+        grp_std = rewards.view(-1, g).std(-1)  # [B]
+        sums = {
+            "reward/mean": (rewards.sum(), rewards.numel()),
+            "reward/sq": ((rewards ** 2).sum(), rewards.numel()),
+            "reward/zero_std_groups": ((grp_std < 1e-8).float().sum(), grp_std.numel()),
+            "reward/invalid": ((~valid).float().sum(), valid.numel()),
+            "completion/length_mean": (lens.sum(), lens.numel()),
+            "completion/truncated": (ro.truncated.float().sum(), lens.numel()),
+        }
+        for k, v in per_fn.items():
+            sums[f"reward/{k}"] = (v.sum(), v.numel())
+        if self.accuracy_fn is not None:
+            rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
+            a = torch.tensor(self.accuracy_fn(rep(prompts), texts, **{k: rep(v) for k, v in columns.items()}), dtype=torch.float32)
+            sums["accuracy/train"] = (a.sum().to(self.device), a.numel())
+        out = acc.compute(self._reduce_sum)
+        keys = list(sums)
+        packed = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=self.device) for s, _ in sums.values()]
+                             + [torch.tensor(float(c), device=self.device) for _, c in sums.values()])
+        packed = self._reduce_sum(packed)
+        vals = packed[: len(keys)] / packed[len(keys):].clamp(min=1)
+        for k, v in zip(keys, vals):
+            out[k] = v
+        out["reward/std"] = (out.pop("reward/sq") - out["reward/mean"] ** 2).clamp(min=0).sqrt()
+        out["completion/length_max"] = self._reduce_max(lens.max())
+        total_tok = self._reduce_sum(lens.sum())
+        n_all = float(lens.numel() * self._world())
+        out["perf/samples_per_s"] = torch.tensor(n_all / max(t_gen + t_upd, 1e-9))
+        out["perf/tokens_per_s"] = total_tok / max(t_gen + t_upd, 1e-9)
+        out["perf/rollout_s"] = torch.tensor(t_gen)
+        out["perf/update_s"] = torch.tensor(t_upd)
+        out["lr"] = torch.tensor(self.optimizers().optimizer.param_groups[0]["lr"])
+        self.log_dict({k: v.float() for k, v in out.items()}, on_step=True, on_epoch=False, batch_size=len(prompts))
+        self.log("reward", out["reward/mean"], prog_bar=True, logger=False, on_step=True, batch_size=len(prompts))
+        self.last_train_metrics = {k: float(v) for k, v in out.items()}
+        self.reward_history.append(self.last_train_metrics["reward/mean"])
+        step = self.global_step
+        if self.log_samples_every > 0 and step % self.log_samples_every == 0 and self.global_rank == 0:
+            tb = _tensorboard(self)
+            if tb is not None:
+                if acc.ratios:
+                    tb.add_histogram("ratio/token_hist", torch.cat(acc.ratios), step)
+                rows = [f"| {p!r} | {t!r} | {r:.3f} |" for p, t, r in
+                        zip([x for x in prompts for _ in range(g)][:8], texts[:8], rewards[:8].tolist())]
+                tb.add_text("samples", "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(rows), step)
+
+    def _reduce_max(self, t: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        prompts = batch["prompt"]
+        columns = {k: v for k, v in batch.items() if k != "prompt"}
+        for mode in ("greedy", "sampled"):
+            ro = self.sample(prompts, 1, greedy=mode == "greedy")
+            texts = self.decode(ro)
+            rewards, _, _ = self.score(prompts, ro, texts, columns, 1)
+            self.val_metrics[f"reward_{mode}"].update(rewards)
+            if self.accuracy_fn is not None:
+                a = torch.tensor(self.accuracy_fn(prompts, texts, **columns), dtype=torch.float32, device=self.device)
+                self.val_metrics[f"accuracy_{mode}"].update(a)
+        for k, m in self.val_metrics.items():
+            if k.startswith("reward") or self.accuracy_fn is not None:
+                self.log(f"val/{k}", m, on_step=False, on_epoch=True, batch_size=len(prompts))
+
+    # ----------------------------------------------------------------------------- export
+    def export(self, path: str) -> str:
+        """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them)."""
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+class _MetricAccumulator:
+    """Token-/sequence-weighted means of the objective's metrics over all minibatch updates."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.weights: dict[str, Tensor] = {}
+        self.mins: dict[str, Tensor] = {}
+        self.maxs: dict[str, Tensor] = {}
+        self.ratios: list[Tensor] = []  # token ratios of the updates, kept on logging steps only
+
+    def add(self, metrics: dict[str, Tensor], tokens: Tensor, seqs: Tensor) -> None:
+        for k, v in metrics.items():
+            if k == "ratio/min":
+                self.mins[k] = v if k not in self.mins else torch.minimum(self.mins[k], v)
+            elif k == "ratio/max":
+                self.maxs[k] = v if k not in self.maxs else torch.maximum(self.maxs[k], v)
+            else:
+                w = seqs if k.startswith("clip/seq_") else tokens
+                self.sums[k] = self.sums.get(k, 0) + v * w
+                self.weights[k] = self.weights.get(k, 0) + w
+
+    def add_scalar(self, key: str, value: Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0) + value.float()
+        self.weights[key] = self.weights.get(key, 0) + 1.0
+
+    def compute(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        s = torch.stack([torch.as_tensor(self.sums[k]).float().reshape(()) for k in keys])
+        w = torch.stack([torch.as_tensor(self.weights[k]).float().reshape(()).to(s.device) for k in keys])
+        s, w = reduce_sum(s), reduce_sum(w)
+        out = {k: v for k, v in zip(keys, s / w.clamp(min=1e-12))}
+        for store, op in ((self.mins, dist.ReduceOp.MIN), (self.maxs, dist.ReduceOp.MAX)):
+            for k, v in store.items():
+                if dist.is_available() and dist.is_initialized():
+                    v = v.clone()
+                    dist.all_reduce(v, op=op)
+                out[k] = v
+        return out
+
+
+def _tensorboard(module: L.LightningModule) -> Any:
+    for lg in module.loggers:
+        exp = getattr(lg, "experiment", None)
+        if exp is not None and hasattr(exp, "add_histogram"):
+            return exp
+    return None
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token "
+                             "(e.g. model.pad_token='<pad>' after adding it) before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

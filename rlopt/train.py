@@ -1,0 +1,95 @@
+"""``rlopt-train`` / ``python -m rlopt.train``: Hydra entry point.
+
+    rlopt-train                                   # the embedded default (tiny model, GRPO, CPU)
+    rlopt-train algorithm=gspo num_minibatches=4  # GSPO, off-policy minibatches
+    rlopt-train algorithm=gspo ratio=token        # a hybrid
+    rlopt-train --cfg job                         # print the composed config
+    rlopt-train debug=default                     # a seconds-long smoke run
+
+``run(cfg)`` does the work and is what tests call with a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .conf import check_config
+from .data import PromptDataModule
+from .module import PolicyOptModule
+from .rewards import RewardSet
+from .warmup import supervised_warmup
+
+log = logging.getLogger("rlopt")
+CONFIG_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs"))  # the repo's configs/
+
+
+def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer]:
+    """Compose the module, data module and trainer from a config (checks it first)."""
+    parts = check_config(cfg)  # fails here, before any model is loaded, on a bad combination
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    policy, tokenizer = instantiate(cfg.model)
+    dm = PromptDataModule(instantiate(cfg.task.train), instantiate(cfg.task.val) if cfg.task.val else None,
+                          batch_size=cfg.data.batch_size, val_batch_size=cfg.data.val_batch_size, seed=int(cfg.seed),
+                          tokenizer=tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
+    dm.setup("fit")
+    if int(cfg.task.get("warmup_steps") or 0) > 0 and not cfg.get("ckpt_path"):
+        losses = supervised_warmup(policy, tokenizer, dm.train_rows, int(cfg.task.warmup_steps), seed=int(cfg.seed))
+        log.info("supervised warm-up: %d steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+    rewards = RewardSet({k: instantiate(v) for k, v in cfg.task.rewards.items()},
+                        OmegaConf.to_container(cfg.task.reward_weights) if cfg.task.get("reward_weights") else None,
+                        nan_policy=cfg.reward_nan_policy)
+    module = PolicyOptModule(
+        policy, tokenizer, parts["advantage"], parts["objective"], rewards,
+        optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        rollout=parts["rollout"], group_size=cfg.group_size, ppo_epochs=cfg.ppo_epochs,
+        num_minibatches=cfg.num_minibatches, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
+        mask_truncated=cfg.mask_truncated,
+        accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
+        log_samples_every=cfg.log_samples_every, seed=int(cfg.seed),
+    )
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    return module, dm, trainer
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    module, dm, trainer = build(cfg)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    history = module.reward_history
+    summary: dict[str, Any] = {"steps": trainer.global_step, "reward_history": history}
+    if history:
+        k = min(10, len(history))
+        summary["reward_first10"] = sum(history[:k]) / k
+        summary["reward_last10"] = sum(history[-k:]) / k
+    summary["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.get("export_dir") and trainer.is_global_zero:
+        summary["export_dir"] = module.export(cfg.export_dir)
+    if trainer.logger is not None:
+        summary["log_dir"] = trainer.logger.log_dir
+    if trainer.is_global_zero:
+        print(f"[rlopt] {summary['steps']} steps; mean reward first 10 steps {summary.get('reward_first10', float('nan')):.3f}"
+              f" -> last 10 steps {summary.get('reward_last10', float('nan')):.3f}")
+        for k, v in summary["val"].items():
+            print(f"[rlopt] {k} = {v:.3f}")
+        if "log_dir" in summary:
+            print(f"[rlopt] TensorBoard logs: {os.path.abspath(summary['log_dir'])}  (tensorboard --logdir {os.path.abspath(cfg.log_root)})")
+        if "export_dir" in summary:
+            print(f"[rlopt] final policy (save_pretrained): {os.path.abspath(summary['export_dir'])}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
