@@ -16,7 +16,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .tasks import ProceduralTask
 
@@ -78,6 +79,44 @@ class RowsDataset(Dataset):
         return self.rows[i]
 
 
+class ResumableSampler(Sampler[int]):
+    """Shuffled, rank-sharded indices whose order depends only on ``(seed, epoch)``.
+
+    ``skip_batches`` drops the first batches of the first epoch iterated after a resume, so a
+    resumed run sees exactly the prompts an uninterrupted run would. Each rank takes every
+    ``world``-th index of the permutation; ``drop_last`` keeps batch counts equal on all ranks.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch, self.skip_batches = 0, 0
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches_per_epoch(self) -> int:
+        return self.size // self._rank_world()[1] // self.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * self.batch_size
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        mine = order[rank::world][: len(self)].tolist()
+        start, self.skip_batches = self.skip_batches * self.batch_size, 0
+        return iter(mine[start:])
+
+
 def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [r[k] for r in rows] for k in rows[0]}
 
@@ -118,9 +157,17 @@ class PromptDataModule(L.LightningDataModule):
             self.val_rows = self._format(self.val_source.load())
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(RowsDataset(self.train_rows), batch_size=self.batch_size, shuffle=True,
-                          generator=g, collate_fn=collate_rows, drop_last=True)
+        """Batch ``k`` of the run is a function of ``(seed, k)`` only: on resume the sampler skips
+        the batches already consumed (``trainer.global_step`` counts them: one per rollout)."""
+        sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed)
+        if sampler.batches_per_epoch() < 1:
+            raise ValueError(f"the training set ({len(self.train_rows)} prompts) is smaller than one batch "
+                             f"(data.batch_size={self.batch_size} per rank)")
+        done = self.trainer.global_step if self.trainer is not None else 0
+        sampler.set_epoch(done // sampler.batches_per_epoch())
+        sampler.skip_batches = done % sampler.batches_per_epoch()
+        return DataLoader(RowsDataset(self.train_rows), batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=collate_rows, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:

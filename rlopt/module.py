@@ -51,6 +51,7 @@ class PolicyOptModule(L.LightningModule):
         accuracy_fn: Callable[..., list[float]] | None = None,
         log_samples_every: int = 50,
         log_entropy: bool = True,
+        max_consecutive_skips: int = 5,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -72,6 +73,9 @@ class PolicyOptModule(L.LightningModule):
         self.accuracy_fn = accuracy_fn
         self.log_samples_every = int(log_samples_every)
         self.log_entropy = bool(log_entropy)
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.skipped_updates = 0  # non-finite updates skipped so far (saved in checkpoints)
+        self._consecutive_skips = 0
         self.seed = int(seed)
         advantage.check_group_size(self.group_size)
         if self.ppo_epochs < 1:
@@ -80,7 +84,7 @@ class PolicyOptModule(L.LightningModule):
             raise ValueError(f"num_minibatches={num_minibatches} must be >= 1")
         # A reference policy exists only when the KL term is active (a frozen copy of the start).
         self.ref_policy = None
-        self.reward_history: list[float] = []
+        self.history: list[dict[str, float]] = []  # every step's logged scalars (kept in checkpoints)
         if objective.needs_reference:
             self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in (
@@ -89,6 +93,10 @@ class PolicyOptModule(L.LightningModule):
                                           "optimizer", "scheduler", "rollout", "accuracy_fn"])
 
     # ----------------------------------------------------------------------------- set-up
+    @property
+    def reward_history(self) -> list[float]:
+        return [h["reward/mean"] for h in self.history]
+
     @property
     def on_policy(self) -> bool:
         """One update per rollout: the sampling policy is the updated one, ratio == 1 exactly."""
@@ -149,6 +157,8 @@ class PolicyOptModule(L.LightningModule):
         prompts = batch["prompt"]
         columns = {k: v for k, v in batch.items() if k != "prompt"}
         t0 = time.perf_counter()
+        # Sampling noise is a function of (seed, step, rank) only, so a resumed run repeats exactly.
+        torch.manual_seed(_mix(self.seed, self.global_step, self.global_rank))
 
         # 1. rollout: G samples per prompt, groups contiguous
         ro = self.sample(prompts, g)
@@ -171,7 +181,7 @@ class PolicyOptModule(L.LightningModule):
         n = mask.shape[0]
         normalizer = self._reduce_sum(self.objective.aggregation.count(mask)) / self.num_minibatches
         scale = float(self._world())  # DDP averages gradients over ranks; undo it to sum
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        gen = torch.Generator().manual_seed(_mix(self.seed, self.global_step, 0))
         acc = _MetricAccumulator()
         with_entropy = self.log_entropy or self.objective.entropy_coef != 0
         keep_ratios = self.log_samples_every > 0 and self.global_step % self.log_samples_every == 0
@@ -205,10 +215,23 @@ class PolicyOptModule(L.LightningModule):
                            t_gen - t0, t_end - t_gen)
 
     def _clip_and_step(self, opt: Any) -> Tensor:
+        """Clip and apply one update; a non-finite gradient skips it (weights and optimizer state
+        untouched) and is counted. ``max_consecutive_skips`` in a row stop the run."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
-        opt.optimizer.step()
+        if torch.isfinite(norm):
+            opt.optimizer.step()
+            self._consecutive_skips = 0
+        else:
+            opt.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= self.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                    f"(at rollout step {self.global_step}); the weights were left untouched. Lower the learning "
+                    "rate or check the rewards; resume from the last checkpoint (max_consecutive_skips sets the limit)")
         return norm.detach()
 
     # ----------------------------------------------------------------------------- logging
@@ -249,11 +272,13 @@ class PolicyOptModule(L.LightningModule):
         out["perf/rollout_s"] = torch.tensor(t_gen)
         out["perf/update_s"] = torch.tensor(t_upd)
         out["lr"] = torch.tensor(self.optimizers().optimizer.param_groups[0]["lr"])
+        out["train/skipped_updates"] = torch.tensor(float(self.skipped_updates))
         self.log_dict({k: v.float() for k, v in out.items()}, on_step=True, on_epoch=False, batch_size=len(prompts))
         self.log("reward", out["reward/mean"], prog_bar=True, logger=False, on_step=True, batch_size=len(prompts))
-        self.last_train_metrics = {k: float(v) for k, v in out.items()}
-        self.reward_history.append(self.last_train_metrics["reward/mean"])
-        step = self.global_step
+        self.history.append({k: float(v) for k, v in out.items()})
+        # this rollout's index: opt.step() above already advanced global_step; Lightning logs the
+        # scalars at this index too, and keep_ratios (training_step) used the same condition
+        step = self.global_step - 1
         if self.log_samples_every > 0 and step % self.log_samples_every == 0 and self.global_rank == 0:
             tb = _tensorboard(self)
             if tb is not None:
@@ -271,6 +296,12 @@ class PolicyOptModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        # Validation must not consume the training random stream (exact resume).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(_mix(self.seed, self.global_step, 1_000 + batch_idx))
+            self._validate(batch)
+
+    def _validate(self, batch: dict[str, list[Any]]) -> None:
         prompts = batch["prompt"]
         columns = {k: v for k, v in batch.items() if k != "prompt"}
         for mode in ("greedy", "sampled"):
@@ -285,12 +316,52 @@ class PolicyOptModule(L.LightningModule):
             if k.startswith("reward") or self.accuracy_fn is not None:
                 self.log(f"val/{k}", m, on_step=False, on_epoch=True, batch_size=len(prompts))
 
+    # ----------------------------------------------------------------------------- state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rlopt", {})
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.history = list(state.get("history", []))
+
+    def on_fit_start(self) -> None:
+        """Check every prompt fits the context with the generation budget, before any work."""
+        dm = getattr(self.trainer, "datamodule", None)
+        limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
+        if dm is None or limit is None:
+            return
+        for split in ("train_rows", "val_rows"):
+            rows = getattr(dm, split, None) or []
+            if not rows:
+                continue
+            lens = [len(x) for x in self.tokenizer([r["prompt"] for r in rows])["input_ids"]]
+            i = max(range(len(lens)), key=lens.__getitem__)
+            if lens[i] + self.rollout.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} of the {split.split('_')[0]} set is {lens[i]} tokens; with rollout.max_new_tokens="
+                    f"{self.rollout.max_new_tokens} it exceeds the model's context of {limit} tokens "
+                    f"(prompt: {rows[i]['prompt'][:80]!r}...). Shorten the prompts or lower rollout.max_new_tokens")
+
     # ----------------------------------------------------------------------------- export
     def export(self, path: str) -> str:
         """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them)."""
         self.policy.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = ((h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class _MetricAccumulator:

@@ -52,7 +52,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         num_minibatches=cfg.num_minibatches, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
         mask_truncated=cfg.mask_truncated,
         accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
-        log_samples_every=cfg.log_samples_every, seed=int(cfg.seed),
+        log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -62,7 +62,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     module, dm, trainer = build(cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     history = module.reward_history
     summary: dict[str, Any] = {"steps": trainer.global_step, "reward_history": history}
     if history:
@@ -87,8 +87,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns the mean reward of the last 10 steps (the objective Hydra sweepers maximise).
+
+    In a multirun, a failing run writes ``FAILED.txt`` (the traceback) into its run folder and
+    returns -inf (the worst value for a maximised reward) instead of stopping the sweep;
+    ``rlopt-report`` lists it. Not NaN: the Optuna sweeper aborts the whole search on a NaN.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return run(cfg).get("reward_last10")
+    try:
+        return run(cfg).get("reward_last10")
+    except Exception:  # noqa: BLE001 - one failed run must not end the sweep
+        import traceback
+
+        with open(os.path.join(HydraConfig.get().runtime.output_dir, "FAILED.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        log.exception("run failed; the sweep goes on")
+        return float("-inf")
 
 
 if __name__ == "__main__":
