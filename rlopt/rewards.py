@@ -137,3 +137,68 @@ class RewardSet:
             per_fn[name] = vals
         total = sum(self.weights[k] * v for k, v in per_fn.items())
         return total, per_fn, valid
+
+
+def math_answer(prompts: list[str], completions: list[str], answer: list[Any], **kwargs: Any) -> list[float]:
+    """1.0 when ``math-verify`` finds the completion's final answer equivalent to the gold answer
+    (numbers, fractions, LaTeX, ``\\boxed{}``). GSM8K-style gold answers ``"... #### 42"`` are
+    reduced to what follows ``####``."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise ImportError("math_answer needs math-verify: pip install math-verify") from e
+    out = []
+    for c, a in zip(completions, answer):
+        gold_text = str(a).split("####")[-1].strip()
+        gold, pred = parse(gold_text), parse(c)
+        out.append(float(bool(gold) and bool(pred) and verify(gold, pred)))
+    return out
+
+
+_COUNTDOWN_EXPR = re.compile(r"^[\d\s+\-*/().]+$")
+
+
+def _eval_arith(node: Any) -> float:
+    import ast
+
+    if isinstance(node, ast.Expression):
+        return _eval_arith(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval_arith(node.operand)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _eval_arith(node.left), _eval_arith(node.right)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        return a / b
+    raise ValueError("not an arithmetic expression")
+
+
+def countdown_check(prompts: list[str], completions: list[str], numbers: list[list[int]], target: list[int],
+                    **kwargs: Any) -> list[float]:
+    """1.0 when the completion (its last expression line) is an arithmetic expression that uses each given
+    number at most once and evaluates to the target; parsed with ``ast``, never ``eval``."""
+    import ast
+    from collections import Counter
+
+    out = []
+    for c, nums, tgt in zip(completions, numbers, target):
+        # the last line with something before any "=" ("3 * 4 = 12" and "3 * 4\n= 12" both give 3 * 4)
+        exprs = [ln.split("=")[0].strip() for ln in c.strip().splitlines()]
+        exprs = [e for e in exprs if e]
+        expr = exprs[-1] if exprs else ""
+        ok = False
+        if expr and _COUNTDOWN_EXPR.fullmatch(expr):
+            used = Counter(int(x) for x in re.findall(r"\d+", expr))
+            if not used - Counter(int(n) for n in nums):
+                try:
+                    ok = abs(_eval_arith(ast.parse(expr, mode="eval")) - float(tgt)) < 1e-9
+                except (ValueError, ZeroDivisionError, SyntaxError, RecursionError):
+                    ok = False
+        out.append(float(ok))
+    return out

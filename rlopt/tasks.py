@@ -68,3 +68,48 @@ class ArithmeticTask(ProceduralTask):
         a, b, op = rng.randint(0, self.max_value), rng.randint(0, self.max_value), rng.choice(self.ops)
         val = a + b if op == "+" else a - b if op == "-" else a * b
         return {"prompt": f"{a}{op}{b}=", "answer": str(val)}
+
+
+class AdditionTask(ProceduralTask):
+    """Natural-language addition for instruct models: ``"What is 23 + 45? ..."`` -> ``"68"``.
+    Operands have ``digits`` digits; use with ``data.chat_template=true``."""
+
+    def __init__(self, digits: int = 2, instruction: str = "Reply with just the number.") -> None:
+        if int(digits) < 1:
+            raise ValueError(f"digits={digits} must be >= 1")
+        self.digits, self.instruction = int(digits), instruction
+
+    def make(self, rng: random.Random) -> dict[str, Any]:
+        lo, hi = 10 ** (self.digits - 1) if self.digits > 1 else 0, 10 ** self.digits - 1
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        return {"prompt": f"What is {a} + {b}? {self.instruction}", "answer": str(a + b)}
+
+
+class CountdownTask(ProceduralTask):
+    """The numbers game: reach ``target`` with ``numbers`` (each at most once) and + - * /.
+
+    Targets are made by combining a random subset of the numbers, so every problem is solvable.
+    The reward is ``rlopt.rewards.countdown_check`` (exact, by safe evaluation).
+    """
+
+    def __init__(self, count: int = 3, max_number: int = 20,
+                 instruction: str = "Reply with the expression only.") -> None:
+        if not 2 <= int(count) <= 6:
+            raise ValueError(f"count={count} must be between 2 and 6")
+        self.count, self.max_number, self.instruction = int(count), int(max_number), instruction
+
+    def make(self, rng: random.Random) -> dict[str, Any]:
+        while True:
+            nums = [rng.randint(1, self.max_number) for _ in range(self.count)]
+            expr = str(nums[0])
+            value = nums[0]
+            for n in nums[1:rng.randint(2, self.count)]:
+                op = rng.choice("+-*")
+                expr = f"({expr} {op} {n})"
+                value = value + n if op == "+" else value - n if op == "-" else value * n
+            if 0 < value <= 1000:
+                break
+        listed = ", ".join(map(str, nums))
+        return {"prompt": f"Using the numbers [{listed}], make {value}. Use each number at most once, "
+                          f"with + - * / and parentheses. {self.instruction}",
+                "numbers": nums, "target": value, "answer": expr}

@@ -53,6 +53,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         mask_truncated=cfg.mask_truncated,
         accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
         log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
+        chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -62,6 +63,9 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     module, dm, trainer = build(cfg)
+    if cfg.get("validate_before") and not cfg.get("ckpt_path"):
+        before = trainer.validate(module, datamodule=dm, verbose=False)
+        module.validation_before = {k: float(v) for k, v in (before[0] if before else {}).items()}
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     history = module.reward_history
     summary: dict[str, Any] = {"steps": trainer.global_step, "reward_history": history}
@@ -70,7 +74,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["reward_first10"] = sum(history[:k]) / k
         summary["reward_last10"] = sum(history[-k:]) / k
     summary["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if cfg.get("export_dir") and trainer.is_global_zero:
+    summary["val_before"] = getattr(module, "validation_before", {})
+    if cfg.get("export_dir"):  # every rank: a sharded (FSDP) policy is gathered by all ranks; rank 0 writes
         summary["export_dir"] = module.export(cfg.export_dir)
     if trainer.logger is not None:
         summary["log_dir"] = trainer.logger.log_dir
@@ -78,7 +83,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"[rlopt] {summary['steps']} steps; mean reward first 10 steps {summary.get('reward_first10', float('nan')):.3f}"
               f" -> last 10 steps {summary.get('reward_last10', float('nan')):.3f}")
         for k, v in summary["val"].items():
-            print(f"[rlopt] {k} = {v:.3f}")
+            before = summary["val_before"].get(k)
+            print(f"[rlopt] {k} = {v:.3f}" + ("" if before is None else f"  (before training: {before:.3f})"))
         if "log_dir" in summary:
             print(f"[rlopt] TensorBoard logs: {os.path.abspath(summary['log_dir'])}  (tensorboard --logdir {os.path.abspath(cfg.log_root)})")
         if "export_dir" in summary:
