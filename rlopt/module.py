@@ -26,9 +26,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .algorithms import AdvantageEstimator, PolicyObjective, token_logprobs
+from .algorithms import AdvantageEstimator, PolicyObjective, SeqMeanTokenSumNorm, token_logprobs
+from .algorithms.lm_head import auto_chunk_rows, chunked_lm_head_logprobs, split_causal_lm
+from .models import is_peft
 from .rewards import RewardSet
 from .rollout import HFGenerate, Rollout, RolloutEngine
+from . import distributed as _dist
 
 
 class PolicyOptModule(L.LightningModule):
@@ -53,6 +56,8 @@ class PolicyOptModule(L.LightningModule):
         log_entropy: bool = True,
         max_consecutive_skips: int = 5,
         seed: int = 0,
+        chunked_lm_head: bool = False,
+        lm_head_chunk_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -77,7 +82,13 @@ class PolicyOptModule(L.LightningModule):
         self.skipped_updates = 0  # non-finite updates skipped so far (saved in checkpoints)
         self._consecutive_skips = 0
         self.seed = int(seed)
+        # chunked LM head: log-probs from hidden states without the full [n, T, V] logits (lm_head.py)
+        self.chunked_lm_head = bool(chunked_lm_head)
+        self.lm_head_chunk_rows = lm_head_chunk_rows
         advantage.check_group_size(self.group_size)
+        agg = objective.aggregation
+        if isinstance(agg, SeqMeanTokenSumNorm) and agg.max_len is None:
+            agg.max_len = self.rollout.max_new_tokens  # Dr. GRPO's constant: the generation budget
         if self.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs={ppo_epochs} must be >= 1")
         if self.num_minibatches < 1:
@@ -85,7 +96,9 @@ class PolicyOptModule(L.LightningModule):
         # A reference policy exists only when the KL term is active (a frozen copy of the start).
         self.ref_policy = None
         self.history: list[dict[str, float]] = []  # every step's logged scalars (kept in checkpoints)
-        if objective.needs_reference:
+        # With LoRA the reference is the base model with the adapter disabled: no second copy.
+        self.ref_via_adapter = objective.needs_reference and is_peft(policy)
+        if objective.needs_reference and not self.ref_via_adapter:
             self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in (
             "reward_greedy", "reward_sampled", "accuracy_greedy", "accuracy_sampled")})
@@ -101,6 +114,11 @@ class PolicyOptModule(L.LightningModule):
     def on_policy(self) -> bool:
         """One update per rollout: the sampling policy is the updated one, ratio == 1 exactly."""
         return self.ppo_epochs == 1 and self.num_minibatches == 1
+
+    def configure_model(self) -> None:
+        """FSDP / FSDP2: shard the policy and the frozen reference per decoder block (rlopt.distributed);
+        a no-op under any other strategy. Runs before ``configure_optimizers``."""
+        _dist.configure_sharding(self)
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
@@ -124,8 +142,17 @@ class PolicyOptModule(L.LightningModule):
 
     def sample(self, prompts: list[str], num_samples: int, greedy: bool = False) -> Rollout:
         ids, mask = self.encode_prompts(prompts)
-        return self.rollout.generate(self.policy, ids, mask, num_samples, eos_token_id=self.tokenizer.eos_token_id,
-                                     pad_token_id=self.tokenizer.pad_token_id, greedy=greedy)
+        # sharded weights: every decoding step is a collective, so ranks step together until all are done
+        synced = {"synced_gpus": True} if _dist.synced_generation(self.policy) else {}
+        with _dist.generation_model(self.policy) as model:
+            return self.rollout.generate(model, ids, mask, num_samples, eos_token_id=self.tokenizer.eos_token_id,
+                                         pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, **synced)
+
+    def make_rollout(self, batch: dict[str, list[Any]]) -> tuple[Rollout, list[str]]:
+        """Step 1 of a training step: ``group_size`` samples per prompt (groups contiguous) and their
+        texts. A seam: override it to train on given completions (tests feed a fixed batch)."""
+        ro = self.sample(batch["prompt"], self.group_size)
+        return ro, self.decode(ro)
 
     def decode(self, ro: Rollout) -> list[str]:
         return self.tokenizer.batch_decode(ro.completion_ids.tolist(), skip_special_tokens=True)
@@ -144,6 +171,14 @@ class PolicyOptModule(L.LightningModule):
         ids, attn = ro.input_ids, ro.attention_mask  # [n, P+T]
         t = ro.completion_ids.shape[1]
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
+        if self.chunked_lm_head:  # pad positions get 0 (every objective masks them)
+            decoder, weight, bias = split_causal_lm(model)
+            hid = decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
+                          use_cache=False).last_hidden_state[:, -(t + 1):-1]  # [n, T, H]
+            rows = self.lm_head_chunk_rows or auto_chunk_rows(weight.shape[0])
+            out = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, self.rollout.temperature,
+                                           chunk_rows=rows, return_entropy=with_entropy, mask=ro.completion_mask)
+            return out if with_entropy else (out, None)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                        logits_to_keep=t + 1).logits[:, :-1]  # [n, T, V]
         if with_entropy:
@@ -161,8 +196,7 @@ class PolicyOptModule(L.LightningModule):
         torch.manual_seed(_mix(self.seed, self.global_step, self.global_rank))
 
         # 1. rollout: G samples per prompt, groups contiguous
-        ro = self.sample(prompts, g)
-        texts = self.decode(ro)
+        ro, texts = self.make_rollout(batch)
         t_gen = time.perf_counter()
 
         # 2. rewards and 3. advantages
@@ -175,7 +209,7 @@ class PolicyOptModule(L.LightningModule):
         # 4. old and reference log-probs (no extra pass when exactly on-policy)
         with torch.no_grad():
             old_logp = None if self.on_policy else self.completion_logprobs(self.policy, ro)[0]  # [N, T]
-            ref_logp = self.completion_logprobs(self.ref_policy, ro)[0] if self.ref_policy is not None else None
+            ref_logp = self.reference_logprobs(ro)
 
         # 5. ppo_epochs x minibatches of updates; normaliser over the whole rollout batch, all ranks
         n = mask.shape[0]
@@ -187,10 +221,12 @@ class PolicyOptModule(L.LightningModule):
         keep_ratios = self.log_samples_every > 0 and self.global_step % self.log_samples_every == 0
         micro = int(self.micro_batch_size or n)
         for _epoch in range(self.ppo_epochs):
-            order = torch.randperm(n, generator=gen).to(self.device) if self.num_minibatches > 1 else torch.arange(n, device=self.device)
-            for mb in order.chunk(self.num_minibatches):
+            for mb, passes in self._minibatches(n, micro, gen):
                 opt.zero_grad(set_to_none=True)
-                for idx in mb.split(micro):
+                chunks = list(mb.to(self.device).split(micro)) if len(mb) else []
+                for _ in range(passes - len(chunks)):  # fewer rows here than on another rank
+                    self._idle_pass(ro)
+                for idx in chunks:
                     sub = ro.select(idx)
                     logp, ent = self.completion_logprobs(self.policy, sub, with_entropy=with_entropy)
                     old = logp.detach() if old_logp is None else old_logp[idx]
@@ -204,6 +240,7 @@ class PolicyOptModule(L.LightningModule):
                         acc.ratios.append(torch.exp(logp.detach() - old)[mask[idx] > 0].float().cpu())
                 grad_norm = self._clip_and_step(opt)
                 acc.add_scalar("grad/norm", grad_norm)
+                acc.updates += 1
         # close the rollout: one Lightning optimizer step with no gradients (counts the step)
         opt.zero_grad(set_to_none=True)
         opt.step()
@@ -212,15 +249,53 @@ class PolicyOptModule(L.LightningModule):
             sch.step()
         t_end = time.perf_counter()
         self._log_training(ro, rewards, per_fn, valid, mask, acc, texts, prompts, columns,
-                           t_gen - t0, t_end - t_gen)
+                           t_gen - t0, t_end - t_gen, adv=adv)
+
+    def _minibatches(self, n: int, micro: int, gen: torch.Generator) -> list[tuple[Tensor, int]]:
+        """This rank's rows of each minibatch and the number of forward/backward passes every rank
+        makes for it (the most any rank needs with ``micro`` rows a pass).
+
+        The minibatches are those a single process holding the whole rollout batch would form: one
+        permutation of the *global* row index (drawn identically on every rank) is cut into
+        ``num_minibatches`` pieces, so the updates do not depend on the number of ranks. Local row
+        ``j`` is global prompt ``(j // G) * world + rank`` (the sampler deals prompts round-robin),
+        sample ``j % G``. A rank may hold more rows of a minibatch than another; the others then
+        make zero-weight passes (``_idle_pass``) so that DDP's and FSDP's collectives line up."""
+        m, w, g = self.num_minibatches, self._world(), self.group_size
+        if m == 1:
+            return [(torch.arange(n), -(-n // micro))]
+        total = n * w
+        perm = torch.randperm(total, generator=gen)  # [W*n] global rows in update order
+        place = torch.empty_like(perm)
+        place[perm] = torch.arange(total)  # [W*n] position of each global row in perm
+        j = torch.arange(n)
+        mine = place[((j // g) * w + self.global_rank) * g + j % g]  # [n] positions of this rank's rows
+        order = torch.argsort(mine)
+        size = total // m
+        owner = (perm // g) % w  # [W*n] rank holding each row of perm
+        out = []
+        for k in range(m):
+            rows = order[(mine[order] >= k * size) & (mine[order] < (k + 1) * size)]
+            counts = torch.bincount(owner[k * size:(k + 1) * size], minlength=w)  # [W] rows per rank
+            out.append((rows, int((-(-counts // micro)).max())))
+        return out
+
+    def _idle_pass(self, ro: Rollout) -> None:
+        """A forward/backward of one row with zero weight (adds exactly zero gradient), so that this
+        rank joins the collectives of a pass it has no rows for."""
+        logp, _ = self.completion_logprobs(self.policy, ro.select(torch.zeros(1, dtype=torch.long, device=self.device)))
+        self.manual_backward(logp.sum() * 0.0)
 
     def _clip_and_step(self, opt: Any) -> Tensor:
         """Clip and apply one update; a non-finite gradient skips it (weights and optimizer state
-        untouched) and is counted. ``max_consecutive_skips`` in a row stop the run."""
-        params = [p for p in self.policy.parameters() if p.grad is not None]
+        untouched) and is counted. ``max_consecutive_skips`` in a row stop the run. The norm is over
+        all ranks' gradients (FSDP: all shards), and the skip decision is the same on every rank."""
         max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.device)
-        if torch.isfinite(norm):
+        norm = _dist.clip_grad_norm(self.policy, max_norm, device=self.device)
+        finite = bool(torch.isfinite(norm))
+        if self._world() > 1:  # any rank non-finite -> all skip
+            finite = not bool(self._reduce_max(torch.tensor(0.0 if finite else 1.0, device=self.device)))
+        if finite:
             opt.optimizer.step()
             self._consecutive_skips = 0
         else:
@@ -237,7 +312,9 @@ class PolicyOptModule(L.LightningModule):
     # ----------------------------------------------------------------------------- logging
     def _log_training(self, ro: Rollout, rewards: Tensor, per_fn: dict[str, Tensor], valid: Tensor, mask: Tensor,
                       acc: "_MetricAccumulator", texts: list[str], prompts: list[str],
-                      columns: Mapping[str, list[Any]], t_gen: float, t_upd: float) -> None:
+                      columns: Mapping[str, list[Any]], t_gen: float, t_upd: float,
+                      adv: Tensor | None = None) -> None:
+        # Every scalar is over the whole rollout batch of all ranks: sums and counts are all-reduced.
         g = self.group_size
         lens = ro.completion_mask.sum(-1).float()  # [N]
         grp_std = rewards.view(-1, g).std(-1)  # [B]
@@ -255,6 +332,10 @@ class PolicyOptModule(L.LightningModule):
             rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
             a = torch.tensor(self.accuracy_fn(rep(prompts), texts, **{k: rep(v) for k, v in columns.items()}), dtype=torch.float32)
             sums["accuracy/train"] = (a.sum().to(self.device), a.numel())
+        if adv is not None:  # over the whole batch (the objective's per-minibatch std is not additive)
+            a_m = adv * mask
+            sums["advantage/mean"] = (a_m.sum(), mask.sum())
+            sums["advantage/sq"] = ((a_m * adv).sum(), mask.sum())
         out = acc.compute(self._reduce_sum)
         keys = list(sums)
         packed = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=self.device) for s, _ in sums.values()]
@@ -264,6 +345,9 @@ class PolicyOptModule(L.LightningModule):
         for k, v in zip(keys, vals):
             out[k] = v
         out["reward/std"] = (out.pop("reward/sq") - out["reward/mean"] ** 2).clamp(min=0).sqrt()
+        if adv is not None:
+            out["advantage/std"] = (out.pop("advantage/sq") - out["advantage/mean"] ** 2).clamp(min=0).sqrt()
+        t_gen, t_upd = self._reduce_max(torch.tensor([t_gen, t_upd], device=self.device)).tolist()  # slowest rank
         out["completion/length_max"] = self._reduce_max(lens.max())
         total_tok = self._reduce_sum(lens.sum())
         n_all = float(lens.numel() * self._world())
@@ -325,6 +409,9 @@ class PolicyOptModule(L.LightningModule):
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.history = list(state.get("history", []))
 
+    def on_train_start(self) -> None:
+        self.policy.train()  # from_pretrained returns eval mode; the reference copy stays in eval
+
     def on_fit_start(self) -> None:
         """Check every prompt fits the context with the generation budget, before any work."""
         dm = getattr(self.trainer, "datamodule", None)
@@ -343,11 +430,29 @@ class PolicyOptModule(L.LightningModule):
                     f"{self.rollout.max_new_tokens} it exceeds the model's context of {limit} tokens "
                     f"(prompt: {rows[i]['prompt'][:80]!r}...). Shorten the prompts or lower rollout.max_new_tokens")
 
+    def reference_logprobs(self, ro: Rollout) -> Tensor | None:
+        """Log-probs ``[N, T]`` under the reference policy, or None when there is no KL term."""
+        if self.ref_via_adapter:
+            with self.policy.disable_adapter():
+                return self.completion_logprobs(self.policy, ro)[0]
+        return self.completion_logprobs(self.ref_policy, ro)[0] if self.ref_policy is not None else None
+
     # ----------------------------------------------------------------------------- export
     def export(self, path: str) -> str:
-        """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them)."""
-        self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them).
+
+        Sharded (FSDP / FSDP2): every rank must call it; the full weights are gathered to rank 0's CPU
+        and rank 0 writes them. Unsharded: only global rank 0 writes (other ranks return at once)."""
+        state = _dist.full_state_dict(self.policy)  # collective when sharded, else None
+        if _dist.is_global_zero():
+            kwargs = {} if state is None else {"state_dict": state}
+            model = _dist.unwrap(self.policy)
+            if is_peft(model):  # export the merged weights: a plain transformers model
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(path, **kwargs)
+            self.tokenizer.save_pretrained(path)
+        if state is not None and dist.is_initialized():
+            dist.barrier()  # the folder is complete when any rank returns
         return path
 
 
@@ -365,9 +470,13 @@ def _mix(*xs: int) -> int:
 
 
 class _MetricAccumulator:
-    """Token-/sequence-weighted means of the objective's metrics over all minibatch updates."""
+    """Token-/sequence-weighted means of the objective's metrics over all minibatch updates, and of
+    all ranks' rows. The ``loss/*`` values are additive (each micro-batch's share of its update's
+    loss, under the global normaliser): they are summed over micro-batches and ranks and averaged
+    over the ``updates``."""
 
     def __init__(self) -> None:
+        self.updates = 0  # optimizer updates (the same number on every rank)
         self.sums: dict[str, Tensor] = {}
         self.weights: dict[str, Tensor] = {}
         self.mins: dict[str, Tensor] = {}
@@ -380,6 +489,9 @@ class _MetricAccumulator:
                 self.mins[k] = v if k not in self.mins else torch.minimum(self.mins[k], v)
             elif k == "ratio/max":
                 self.maxs[k] = v if k not in self.maxs else torch.maximum(self.maxs[k], v)
+            elif k.startswith("loss/"):
+                self.sums[k] = self.sums.get(k, 0) + v
+                self.weights[k] = 0.0  # divided by the number of updates instead
             else:
                 w = seqs if k.startswith("clip/seq_") else tokens
                 self.sums[k] = self.sums.get(k, 0) + v * w
@@ -396,7 +508,8 @@ class _MetricAccumulator:
         s = torch.stack([torch.as_tensor(self.sums[k]).float().reshape(()) for k in keys])
         w = torch.stack([torch.as_tensor(self.weights[k]).float().reshape(()).to(s.device) for k in keys])
         s, w = reduce_sum(s), reduce_sum(w)
-        out = {k: v for k, v in zip(keys, s / w.clamp(min=1e-12))}
+        out = {k: v / max(self.updates, 1) if k.startswith("loss/") else v / wk.clamp(min=1e-12)
+               for k, v, wk in zip(keys, s, w)}
         for store, op in ((self.mins, dist.ReduceOp.MIN), (self.maxs, dist.ReduceOp.MAX)):
             for k, v in store.items():
                 if dist.is_available() and dist.is_initialized():
