@@ -54,7 +54,12 @@ class PreemptionCheckpoint(L.Callback):
         self.saved: str | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if getattr(trainer, "received_sigterm", False) and self.saved is None:
+        if self.saved is not None:
+            return
+        got = bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:  # signals reach ranks at different steps; saving is collective (FSDP)
+            got = trainer.strategy.reduce_boolean_decision(got, all=False)
+        if got:
             self.saved = os.path.join(self.dirpath, "last.ckpt")
             trainer.save_checkpoint(self.saved)
             trainer.should_stop = True

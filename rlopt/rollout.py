@@ -52,7 +52,11 @@ def completion_mask_from(ids: Tensor, eos_token_id: int | list[int] | None) -> t
 
 
 class RolloutEngine:
-    """Interface: ``generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id, greedy)``."""
+    """Interface: ``generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id, greedy)``.
+
+    With sharded weights (FSDP / FSDP2, more than one rank) the module also passes
+    ``synced_gpus=True``: every forward is then a collective, so all ranks must keep stepping
+    until every rank is done (a rank that stops early would leave the others waiting forever)."""
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16) -> None:
         self.temperature = check_range("rollout.temperature", temperature, low=0.0, low_inclusive=False)
@@ -61,7 +65,7 @@ class RolloutEngine:
         self.max_new_tokens = int(check_range("rollout.max_new_tokens", max_new_tokens, low=1))
 
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
-                 eos_token_id, pad_token_id: int, greedy: bool = False) -> Rollout:
+                 eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
         raise NotImplementedError
 
 
@@ -70,7 +74,7 @@ class HFGenerate(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
-                 eos_token_id, pad_token_id: int, greedy: bool = False) -> Rollout:
+                 eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
         ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
         mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
         kwargs = dict(do_sample=False) if greedy else dict(
@@ -79,7 +83,8 @@ class HFGenerate(RolloutEngine):
         model.eval()
         try:
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True, **kwargs)
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+                                 synced_gpus=synced_gpus, **kwargs)
         finally:
             model.train(was_training)
         comp = out[:, ids.shape[1]:]  # [N, T']

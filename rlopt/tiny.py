@@ -11,7 +11,9 @@ The tokenizer (made with the ``tokenizers`` library) has one token per character
 from __future__ import annotations
 
 import os
+import shutil
 import string
+import tempfile
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -32,7 +34,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny(path: str, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                intermediate_size: int = 256, max_positions: int = 128, seed: int = 0) -> str:
-    """Create (or reuse) the tiny model folder at ``path`` and return it."""
+    """Create (or reuse) the tiny model folder at ``path`` and return it.
+
+    Several processes may build the same folder at once (DDP / FSDP ranks; ``path`` should be on a
+    shared file system across nodes): it is written to a temporary folder and renamed into place,
+    so none reads a half-written one. Inside an initialised process group only rank 0 writes
+    (transformers' ``save_pretrained`` writes weights on rank 0 only) and the others wait for it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            _build_tiny(path, hidden_size, num_layers, num_heads, intermediate_size, max_positions, seed)
+        dist.barrier()
+        return path
+    return _build_tiny(path, hidden_size, num_layers, num_heads, intermediate_size, max_positions, seed)
+
+
+def _build_tiny(path: str, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                max_positions: int, seed: int) -> str:
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     tok = build_tokenizer()
@@ -45,6 +64,17 @@ def build_tiny(path: str, hidden_size: int = 64, num_layers: int = 2, num_heads:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first (path exists, not empty): keep its folder
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
