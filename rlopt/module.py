@@ -16,6 +16,7 @@ the rollout. Loss normalisers are counted over the whole rollout batch on all ra
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Mapping
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -167,7 +169,19 @@ class PolicyOptModule(L.LightningModule):
 
     def completion_logprobs(self, model: torch.nn.Module, ro: Rollout, with_entropy: bool = False
                             ) -> tuple[Tensor, Tensor | None]:
-        """Log-probs ``[n, T]`` (and entropy) of the completion tokens under ``model``."""
+        """Log-probs ``[n, T]`` (and entropy) of the completion tokens under ``model``. Columns that
+        are padding in every row (left of the longest prompt, right of the longest completion) are
+        not computed: their values are 0 (every objective masks them)."""
+        t = ro.completion_ids.shape[1]
+        ro = _trim_padding(ro)
+        logp, ent = self._completion_logprobs(model, ro, with_entropy)
+        if ro.completion_ids.shape[1] < t:
+            pad = (0, t - ro.completion_ids.shape[1])
+            logp, ent = F.pad(logp, pad), None if ent is None else F.pad(ent, pad)
+        return logp, ent
+
+    def _completion_logprobs(self, model: torch.nn.Module, ro: Rollout, with_entropy: bool
+                             ) -> tuple[Tensor, Tensor | None]:
         ids, attn = ro.input_ids, ro.attention_mask  # [n, P+T]
         t = ro.completion_ids.shape[1]
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
@@ -223,7 +237,7 @@ class PolicyOptModule(L.LightningModule):
         for _epoch in range(self.ppo_epochs):
             for mb, passes in self._minibatches(n, micro, gen):
                 opt.zero_grad(set_to_none=True)
-                chunks = list(mb.to(self.device).split(micro)) if len(mb) else []
+                chunks = list(_by_length(mb.to(self.device), ro, micro).split(micro)) if len(mb) else []
                 for _ in range(passes - len(chunks)):  # fewer rows here than on another rank
                     self._idle_pass(ro)
                 for idx in chunks:
@@ -458,6 +472,29 @@ class PolicyOptModule(L.LightningModule):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+def _trim_padding(ro: Rollout) -> Rollout:
+    """``ro`` without the columns that are padding in every row: the left-padding columns before
+    the longest prompt and the completion columns after the longest completion."""
+    lead = int((ro.prompt_mask.sum(0) == 0).long().cumprod(0).sum())  # all-pad prompt columns
+    used = ro.completion_mask.sum(0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1  # completion columns any row uses
+    if lead == 0 and width == ro.completion_ids.shape[1]:
+        return ro
+    return dataclasses.replace(ro, prompt_ids=ro.prompt_ids[:, lead:], prompt_mask=ro.prompt_mask[:, lead:],
+                               completion_ids=ro.completion_ids[:, :width],
+                               completion_mask=ro.completion_mask[:, :width])
+
+
+def _by_length(rows: Tensor, ro: Rollout, micro: int) -> Tensor:
+    """With gradient accumulation (micro-batches smaller than the minibatch), order the rows by
+    length so that each micro-batch holds similar lengths and ``_trim_padding`` drops more
+    columns. The accumulated gradient is the same sum, in another order."""
+    if micro >= rows.numel():
+        return rows
+    lengths = ro.prompt_mask[rows].sum(-1) + ro.completion_mask[rows].sum(-1)
+    return rows[torch.sort(lengths, stable=True).indices]
 
 
 def _mix(*xs: int) -> int:

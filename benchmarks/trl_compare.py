@@ -1,0 +1,460 @@
+"""rlopt vs TRL's GRPOTrainer on identical work, side by side, on this machine's CPU.
+
+    python benchmarks/trl_compare.py                          # tiny + small, GRPO + GSPO (~6-10 min)
+    python benchmarks/trl_compare.py --sizes tiny --algos grpo --steps-tiny 10
+    python benchmarks/trl_compare.py --rlopt-rollout hf       # rlopt with transformers' generate
+
+TRL is not a dependency of rlopt: the script installs it into its own virtual environment
+(``benchmarks/.trl-venv``, git-ignored): ``python -m venv``, the same torch wheel as here
+(``torch==<this torch>``, the CPU wheel), ``trl==TRL_VERSION`` (its dependencies resolve
+around that torch, so no CUDA build is pulled), then ``pip install --no-deps -e <repo>`` so the
+TRL worker can import the shared task and reward code (``rlopt.tasks``, ``rlopt.rewards``,
+``rlopt.tiny``), nothing of rlopt's training code.
+
+Identical work, per configuration:
+* the model: a Llama config (char tokenizer of rlopt.tiny) built with a fixed seed, given the
+  same short supervised warm-up (rlopt.warmup, so completions end with EOS at plausible
+  lengths), saved once with ``save_pretrained`` and loaded by both workers (float32);
+* the prompts: the procedural reverse task (rlopt.tasks.ReverseTask), same rows, both
+  frameworks shuffle them with their own seeded sampler;
+* the reward: rlopt.rewards.partial_match (the same function object in both workers);
+* the algorithm: group size G, B prompts per step (B*G completions, one rollout = one optimizer
+  step, fully on-policy: TRL ``num_iterations=1``, ``steps_per_generation=1``; rlopt
+  ``ppo_epochs=1``, ``num_minibatches=1``), the same completion budget, temperature 1, no top-k/p,
+  AdamW (lr, betas (0.9, 0.99), eps 1e-8, no weight decay), constant learning rate, grad-norm
+  clip 1.0, no KL (TRL ``beta=0``; rlopt ``loss=none``). Advantage ``(r - mean_g) /
+  (std_g + 1e-4)`` (TRL ``scale_rewards="group"``; rlopt GroupBaseline(eps=1e-4)).
+  GRPO: token ratios, clip 0.2, loss averaged over each sequence's tokens then over sequences
+  (TRL ``loss_type="grpo"`` == rlopt ``seq_mean_token_mean``). GSPO: sequence ratio
+  ``exp(mean_t log r)``, clip (3e-4, 4e-4), same aggregation (TRL
+  ``importance_sampling_level="sequence"``, ``loss_type="grpo"``; rlopt ``SequenceRatio``).
+  TRL's CPU-hostile defaults are turned off (``gradient_checkpointing=False``, ``bf16=False``):
+  both run float32 without recomputation. Both compute the per-token entropy (logged).
+  ``small`` splits each optimizer step into 4 micro-batches of 16 completions in both (TRL
+  ``per_device_train_batch_size=16``, ``gradient_accumulation_steps=4``, which makes its
+  ``steps_per_generation`` 4: still one generation of 64 completions per optimizer step, no
+  old-log-prob pass; rlopt ``micro_batch_size=16``).
+
+What rlopt does differently (its own code paths, not settings): the lean KV-cache sampler
+(rlopt/sampler.py: preallocated cache, finished rows dropped from the batch), and in the update
+it skips the columns that are padding in every row of a micro-batch, ordering the rows by
+length first so micro-batches hold similar lengths (rlopt/module.py ``_trim_padding``).
+
+Measured per worker (a fresh process each): wall time from the end of the first step to the
+end of the last (the first step, with its one-off allocations, is excluded; both frameworks'
+per-step overheads are included), samples/s = completions / that time, tokens/s = completion
+tokens (up to and including EOS) / that time, peak RSS of the process (``ru_maxrss``) and
+its RSS after loading the model, mean reward per step. FLOPs per step:
+``2 * params * (prompt + completion tokens)`` for generation (prefill + decode) plus
+``6 * params * (prompt + completion tokens)`` for the training forward + backward, counting
+real (unpadded) tokens, tied embedding counted once, attention's own FLOPs ignored;
+the ceiling is the measured float32 matmul rate (``torch.mm`` 2048^3 on the same thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TRL_VERSION = "1.16.0"
+DEFAULT_VENV = os.path.join(REPO, "benchmarks", ".trl-venv")
+CACHE = os.path.join(REPO, "benchmarks", ".cache")
+
+SIZES = {
+    # the embedded default: rlopt.tiny's model and the reverse task of configs/task/reverse.yaml
+    "tiny": dict(model=dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128),
+                 task=dict(alphabet="abcdef", min_len=3, max_len=5), max_new_tokens=8, batch=16, group=8,
+                 steps=30, lr=3e-3, warmup_steps=30, micro=None),
+    # ~11M parameters, long completions: reverse 20-60 characters within a 64-token budget
+    "small": dict(model=dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, max_positions=256),
+                  task=dict(alphabet="abcdefghij", min_len=20, max_len=60), max_new_tokens=64, batch=8, group=8,
+                  steps=4, lr=3e-4, warmup_steps=20, micro=16),
+}
+ALGOS = {
+    "grpo": dict(ratio="token", eps_low=0.2, eps_high=0.2),
+    "gspo": dict(ratio="sequence", eps_low=3e-4, eps_high=4e-4),
+}
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _task(size: str):
+    from rlopt.tasks import ReverseTask
+
+    return ReverseTask(**SIZES[size]["task"])
+
+
+class Recorder:
+    """Wraps the reward function: per call (= per rollout step) the mean reward and token count."""
+
+    def __init__(self) -> None:
+        self.rewards: list[float] = []
+        self.tokens: list[int] = []
+        self.prompt_tokens: list[int] = []
+        self.__name__ = "partial_match"
+
+    def record(self, scores, n_tokens: int, n_prompt_tokens: int) -> None:
+        self.rewards.append(sum(scores) / max(len(scores), 1))
+        self.tokens.append(int(n_tokens))
+        self.prompt_tokens.append(int(n_prompt_tokens))
+
+
+def _token_counter(tok):
+    """Prompt length in tokens, memoised (the same cost in both workers' reward wrapper)."""
+    cache: dict[str, int] = {}
+
+    def count(p: str) -> int:
+        if p not in cache:
+            cache[p] = len(tok(p)["input_ids"])
+        return cache[p]
+
+    return count
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prepare_model(size: str, seed: int) -> str:
+    """Build (or reuse) the warmed-up model folder for ``size``; returns its path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlopt.tiny import build_tokenizer
+    from rlopt.warmup import supervised_warmup
+
+    spec = SIZES[size]
+    key = json.dumps([spec["model"], spec["task"], spec["warmup_steps"], seed], sort_keys=True)
+    path = os.path.join(CACHE, f"{size}-" + hashlib.sha1(key.encode()).hexdigest()[:10])
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    tok = build_tokenizer()
+    m = spec["model"]
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                      num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+                      num_key_value_heads=m["num_heads"], max_position_embeddings=m["max_positions"],
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    rows = _task(size).rows("train", 2000, seed=seed)
+    t0 = time.perf_counter()
+    losses = supervised_warmup(model, tok, rows, spec["warmup_steps"], lr=3e-3 if size == "tiny" else 1e-3,
+                               batch_size=32, seed=seed)
+    print(f"[prepare] {size}: {param_count(model) / 1e6:.2f}M params, warm-up {spec['warmup_steps']} steps "
+          f"(loss {losses[0]:.2f} -> {losses[-1]:.2f}) in {time.perf_counter() - t0:.0f}s", flush=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=CACHE)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_rlopt(a) -> dict:
+    import lightning as L
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlopt.algorithms import GroupBaseline, PolicyObjective, PPOClip, SeqMeanTokenMean, SequenceRatio, TokenRatio
+    from rlopt.data import PromptDataModule, TaskSource
+    from rlopt.module import PolicyOptModule
+    from rlopt.rewards import RewardSet, partial_match
+    from rlopt.rollout import HFGenerate
+    from rlopt.sampler import KVCacheSampler
+
+    spec, algo = SIZES[a.size], ALGOS[a.algo]
+    torch.set_num_threads(a.threads)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    rss_loaded = _rss_mb()
+    rec = Recorder()
+    n_tokens = _token_counter(tok)
+
+    def reward(prompts, completions, answer, completion_lengths, **kw):
+        out = partial_match(prompts, completions, answer)
+        rec.record(out, sum(completion_lengths), sum(n_tokens(p) for p in prompts))
+        return out
+
+    engine_cls = KVCacheSampler if a.rlopt_rollout == "lean" else HFGenerate
+    engine = engine_cls(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=spec["max_new_tokens"])
+    ratio = TokenRatio() if algo["ratio"] == "token" else SequenceRatio()
+    objective = PolicyObjective(ratio, PPOClip(algo["eps_low"], algo["eps_high"]), SeqMeanTokenMean())
+    lr = spec["lr"]
+    module = PolicyOptModule(model, tok, GroupBaseline(scale="group", std="unbiased", eps=1e-4), objective,
+                             RewardSet({"match": reward}),
+                             optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), eps=1e-8,
+                                                                    weight_decay=0.0),
+                             rollout=engine, group_size=spec["group"], max_grad_norm=1.0, log_samples_every=0,
+                             micro_batch_size=spec["micro"], seed=a.seed)
+    dm = PromptDataModule(TaskSource(_task(a.size), size=4000, seed=a.seed), batch_size=spec["batch"], seed=a.seed)
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, *args, **kw):
+            times.append(time.perf_counter())
+
+    trainer = L.Trainer(max_steps=a.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[Timer()],
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    if a.profile:
+        with torch.profiler.profile() as prof:
+            trainer.fit(module, datamodule=dm)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+    else:
+        trainer.fit(module, datamodule=dm)
+    wall = time.perf_counter() - t0
+    hist = module.history
+    return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
+                prompt_tokens=rec.prompt_tokens, params=param_count(model),
+                rollout_s=[h.get("perf/rollout_s", float("nan")) for h in hist],
+                update_s=[h.get("perf/update_s", float("nan")) for h in hist])
+
+
+def worker_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlopt.rewards import partial_match
+
+    spec, algo = SIZES[a.size], ALGOS[a.algo]
+    torch.set_num_threads(a.threads)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    tok.padding_side = "left"
+    rss_loaded = _rss_mb()
+    rec = Recorder()
+    n_tokens = _token_counter(tok)
+
+    def reward(prompts, completions, completion_ids, answer, **kw):
+        out = partial_match(prompts, completions, answer)
+        rec.record(out, sum(len(c) for c in completion_ids), sum(n_tokens(p) for p in prompts))
+        return out
+
+    reward.__name__ = "partial_match"
+    rows = _task(a.size).rows("train", 4000, seed=a.seed)
+    ds = Dataset.from_list(rows)
+    n = spec["batch"] * spec["group"]  # completions per optimizer step (one generation batch)
+    micro = spec["micro"] or n
+    accum = n // micro  # steps_per_generation defaults to it: one generation per optimizer step
+    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    args = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        num_generations=spec["group"], max_completion_length=spec["max_new_tokens"], learning_rate=spec["lr"],
+        max_steps=a.steps, beta=0.0, loss_type="grpo", importance_sampling_level=algo["ratio"],
+        epsilon=algo["eps_low"], epsilon_high=algo["eps_high"], scale_rewards="group", num_iterations=1,
+        temperature=1.0, top_p=1.0, top_k=0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, max_grad_norm=1.0, seed=a.seed,
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+    )
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *args, **kw):
+            times.append(time.perf_counter())
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Timer()])
+    t0 = time.perf_counter()
+    if a.profile:
+        with torch.profiler.profile() as prof:
+            trainer.train()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+    else:
+        trainer.train()
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
+                prompt_tokens=rec.prompt_tokens, params=param_count(model))
+
+
+# ----------------------------------------------------------------------------- orchestration
+def ensure_trl_venv(venv: str) -> str:
+    py = os.path.join(venv, "bin", "python")
+    ok = os.path.exists(py) and subprocess.run(
+        [py, "-c", f"import trl, rlopt; assert trl.__version__ == '{TRL_VERSION}'"], capture_output=True).returncode == 0
+    if ok:
+        return py
+    import torch
+
+    torch_version = torch.__version__.split("+")[0]
+    print(f"[setup] installing TRL {TRL_VERSION} into {venv} (a few minutes, once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = [py, "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [f"torch=={torch_version}"], check=True)  # the CPU wheel, before TRL resolves
+    subprocess.run(pip + [f"trl=={TRL_VERSION}", f"torch=={torch_version}"], check=True)
+    subprocess.run(pip + ["--no-deps", "-e", REPO], check=True)
+    subprocess.run(pip + ["lightning>=2.4", "hydra-core>=1.3.2", "torchmetrics>=1.4", f"torch=={torch_version}"],
+                   check=True)
+    return py
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str, a) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--worker", framework, "--size", size, "--algo", algo,
+           "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(a.threads),
+           "--seed", str(a.seed), "--rlopt-rollout", a.rlopt_rollout] + (["--profile"] if a.profile else [])
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or "")[-3000:]
+        raise RuntimeError(f"{framework} worker failed ({size}, {algo}, rc={p.returncode}):\n{tail}")
+    if a.profile:
+        print(p.stderr[-6000:], file=sys.stderr)
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["process_s"] = time.perf_counter() - t0
+    res["loadavg"] = os.getloadavg()[0]
+    return res
+
+
+def summarise(res: dict, spec: dict, gflops_ceiling: float) -> dict:
+    times, n = res["times"], len(res["times"])
+    per_step = spec["batch"] * spec["group"]
+    dt = times[-1] - times[0]
+    steps_timed = n - 1
+    toks = sum(res["tokens"][1:n])
+    ptoks = sum(res["prompt_tokens"][1:n])  # the reward sees one prompt per completion
+    flops = 8 * res["params"] * (toks + ptoks)  # 2 (generation) + 6 (training) per token and parameter
+    tail = max(1, min(5, n))
+    return dict(samples_s=steps_timed * per_step / dt, tokens_s=toks / dt, step_s=dt / steps_timed,
+                peak_rss=res["peak_rss"], rss_loaded=res["rss_loaded"],
+                reward_first=statistics.mean(res["rewards"][:tail]), reward_last=statistics.mean(res["rewards"][-tail:]),
+                reward_mean=statistics.mean(res["rewards"]), gflops=flops / dt / 1e9,
+                ceiling_frac=flops / dt / 1e9 / gflops_ceiling, mean_len=toks / max(steps_timed * per_step, 1),
+                process_s=res["process_s"], loadavg=res["loadavg"],
+                rollout_s=statistics.median(res["rollout_s"][1:]) if len(res.get("rollout_s", [])) > 1 else float("nan"),
+                update_s=statistics.median(res["update_s"][1:]) if len(res.get("update_s", [])) > 1 else float("nan"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--algos", default="grpo,gspo")
+    ap.add_argument("--steps-tiny", type=int, default=SIZES["tiny"]["steps"])
+    ap.add_argument("--steps-small", type=int, default=SIZES["small"]["steps"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker (1: on a shared 2-core machine two OpenMP threads "
+                         "spin-waiting on each other measured several times slower, for both frameworks)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="run each worker this many times; report the median")
+    ap.add_argument("--rlopt-rollout", choices=["lean", "hf"], default="lean",
+                    help="rlopt's rollout engine: lean (KVCacheSampler) or hf (model.generate)")
+    ap.add_argument("--trl-venv", default=DEFAULT_VENV)
+    ap.add_argument("--frameworks", default="rlopt,trl")
+    ap.add_argument("--profile", action="store_true", help="torch profiler table of each worker (stderr)")
+    ap.add_argument("--json", default=None, help="also write all results to this file")
+    # worker mode (internal)
+    ap.add_argument("--worker", choices=["rlopt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--algo", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.worker:
+        res = (worker_rlopt if a.worker == "rlopt" else worker_trl)(a)
+        res["peak_rss"] = _peak_rss_mb()
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    a.steps_for = {"tiny": a.steps_tiny, "small": a.steps_small}
+    sizes, algos = a.sizes.split(","), a.algos.split(",")
+    frameworks = a.frameworks.split(",")
+    pythons = {"rlopt": sys.executable}
+    if "trl" in frameworks:
+        pythons["trl"] = ensure_trl_venv(a.trl_venv)
+    ceiling = matmul_gflops(a.threads)
+    import platform
+
+    import torch
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+          f"{torch.__version__}, {a.threads} torch threads per worker; float32 matmul ceiling "
+          f"{ceiling:.1f} GFLOP/s (torch.mm 2048^3, median of 5)", flush=True)
+    t_start = time.perf_counter()
+    results = []
+    for size in sizes:
+        spec = SIZES[size]
+        model_dir = prepare_model(size, a.seed)
+        for algo in algos:
+            row = dict(size=size, algo=algo)
+            runs_of: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+            for _ in range(a.repeats):  # interleaved (A B A B ...), so load changes hit both alike
+                for fw in frameworks:
+                    runs_of[fw].append(summarise(run_worker(pythons[fw], fw, size, algo, model_dir, a), spec, ceiling))
+            for fw in frameworks:
+                runs = runs_of[fw]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                med["samples_s_all"] = [round(r["samples_s"], 2) for r in runs]
+                row[fw] = med
+                print(f"  {size:5s} {algo:4s} {fw:5s}: {med['samples_s']:7.2f} samples/s {med['tokens_s']:8.1f} tok/s "
+                      f"{med['step_s']:6.2f} s/step  peak RSS {med['peak_rss']:6.0f} MB (after load "
+                      f"{med['rss_loaded']:5.0f})  reward {med['reward_first']:.3f} -> {med['reward_last']:.3f}  "
+                      f"{med['gflops']:.2f} GFLOP/s = {100 * med['ceiling_frac']:.1f}% of ceiling  "
+                      f"(process {med['process_s']:.0f}s; runs {med['samples_s_all']}; 1-min load average after "
+                      f"{med['loadavg']:.1f}" + (f"; rollout {med['rollout_s']:.2f}s + update {med['update_s']:.2f}s "
+                                                  "per step" if fw == "rlopt" else "") + ")", flush=True)
+            results.append(row)
+
+    print(f"\n## rlopt ({a.rlopt_rollout} rollout) vs TRL {TRL_VERSION}: {a.threads} threads, ceiling {ceiling:.1f} "
+          f"GFLOP/s; total {time.perf_counter() - t_start:.0f}s\n")
+    if set(frameworks) >= {"rlopt", "trl"}:
+        print("| size | algo | steps | rlopt samples/s | TRL samples/s | ratio | rlopt tok/s | TRL tok/s "
+              "| rlopt peak RSS MB | TRL peak RSS MB | rlopt reward (first->last 5 steps) | TRL reward "
+              "| rlopt % ceiling | TRL % ceiling |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            o, t = r["rlopt"], r["trl"]
+            print(f"| {r['size']} | {r['algo']} | {a.steps_for[r['size']]} | {o['samples_s']:.2f} | {t['samples_s']:.2f} "
+                  f"| **{o['samples_s'] / t['samples_s']:.2f}x** | {o['tokens_s']:.0f} | {t['tokens_s']:.0f} "
+                  f"| {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
+                  f"| {o['reward_first']:.3f} -> {o['reward_last']:.3f} | {t['reward_first']:.3f} -> {t['reward_last']:.3f} "
+                  f"| {100 * o['ceiling_frac']:.1f}% | {100 * t['ceiling_frac']:.1f}% |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(ceiling_gflops=ceiling, threads=a.threads, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
