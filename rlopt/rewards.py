@@ -140,9 +140,9 @@ class RewardSet:
 
 
 def math_answer(prompts: list[str], completions: list[str], answer: list[Any], **kwargs: Any) -> list[float]:
-    """1.0 when ``math-verify`` finds the completion's final answer equivalent to the gold answer
-    (numbers, fractions, LaTeX, ``\\boxed{}``). GSM8K-style gold answers ``"... #### 42"`` are
-    reduced to what follows ``####``."""
+    """1.0 when ``math-verify`` finds the completion's final answer (its last number, or its LaTeX)
+    equivalent to the gold answer (numbers, fractions, LaTeX, ``\\boxed{}``). GSM8K-style gold
+    answers ``"... #### 42"`` are reduced to what follows ``####``."""
     try:
         from math_verify import parse, verify
     except ImportError as e:
@@ -150,9 +150,20 @@ def math_answer(prompts: list[str], completions: list[str], answer: list[Any], *
     out = []
     for c, a in zip(completions, answer):
         gold_text = str(a).split("####")[-1].strip()
-        gold, pred = parse(gold_text), parse(c)
+        final = _final_answer(c)
+        gold, pred = parse(gold_text), parse(final) if final else []
         out.append(float(bool(gold) and bool(pred) and verify(gold, pred)))
     return out
+
+
+def _final_answer(completion: str) -> str:
+    """The completion's final answer: LaTeX (``\\boxed``, ``\\frac``) as written, otherwise its
+    last number. math-verify alone would accept a restated question: it parses ``"23 + 79 ="``
+    as the expression 23 + 79, which sympy evaluates to the correct 102 (a policy found this)."""
+    if "\\" in completion:
+        return completion
+    nums = _NUMBER.findall(completion.replace(",", ""))
+    return nums[-1] if nums else ""
 
 
 _COUNTDOWN_EXPR = re.compile(r"^[\d\s+\-*/().]+$")

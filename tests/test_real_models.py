@@ -57,9 +57,12 @@ def test_addition_with_chat_template_trains_on_the_tiny_llama(chat_tiny, compose
 
 def test_math_answer_reward():
     # math-verify: equivalent forms count, GSM8K gold "#### n" is reduced to n, the last answer wins
-    comps = ["23 + 45 = 68", r"so \boxed{68}", "68.0", "78", "no idea", r"\frac{1}{2}"]
-    gold = ["68", "#### 68", "68", "68", "68", "0.5"]
-    assert math_answer([""] * 6, comps, gold) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    comps = ["23 + 45 = 68", r"so \boxed{68}", "68.0", "78", "no idea", r"\frac{1}{2}", "1,234"]
+    gold = ["68", "#### 68", "68", "68", "68", "0.5", "1234"]
+    assert math_answer([""] * 7, comps, gold) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    # a restated question is no answer, although sympy evaluates "23 + 79" to the right 102
+    # (SmolLM2 learned exactly this hack against plain math-verify in the first demo run)
+    assert math_answer([""] * 3, ["23 + 79 =", "23 + 79", "23 + 79 = 102"], ["102"] * 3) == [0.0, 0.0, 1.0]
 
 
 def test_countdown_task_and_check():
