@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Mapping
 
@@ -161,10 +160,9 @@ class PolicyOptModule(L.LightningModule):
 
     def score(self, prompts: list[str], ro: Rollout, texts: list[str], columns: Mapping[str, list[Any]],
               repeat: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        rep = lambda xs: [x for x in xs for _ in range(repeat)]  # noqa: E731 - groups are contiguous
-        cols = {k: rep(v) for k, v in columns.items()}
+        cols = {k: _repeat(v, repeat) for k, v in columns.items()}
         lengths = ro.completion_mask.sum(-1).tolist()
-        total, per_fn, valid = self.rewards(rep(prompts), texts, completion_lengths=lengths, **cols)
+        total, per_fn, valid = self.rewards(_repeat(prompts, repeat), texts, completion_lengths=lengths, **cols)
         return total.to(self.device), {k: v.to(self.device) for k, v in per_fn.items()}, valid.to(self.device)
 
     def completion_logprobs(self, model: torch.nn.Module, ro: Rollout, with_entropy: bool = False
@@ -343,8 +341,8 @@ class PolicyOptModule(L.LightningModule):
         for k, v in per_fn.items():
             sums[f"reward/{k}"] = (v.sum(), v.numel())
         if self.accuracy_fn is not None:
-            rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
-            a = torch.tensor(self.accuracy_fn(rep(prompts), texts, **{k: rep(v) for k, v in columns.items()}), dtype=torch.float32)
+            a = torch.tensor(self.accuracy_fn(_repeat(prompts, g), texts, **{k: _repeat(v, g) for k, v in columns.items()}),
+                             dtype=torch.float32)
             sums["accuracy/train"] = (a.sum().to(self.device), a.numel())
         if adv is not None:  # over the whole batch (the objective's per-minibatch std is not additive)
             a_m = adv * mask
@@ -383,7 +381,7 @@ class PolicyOptModule(L.LightningModule):
                 if acc.ratios:
                     tb.add_histogram("ratio/token_hist", torch.cat(acc.ratios), step)
                 rows = [f"| {p!r} | {t!r} | {r:.3f} |" for p, t, r in
-                        zip([x for x in prompts for _ in range(g)][:8], texts[:8], rewards[:8].tolist())]
+                        zip(_repeat(prompts, g)[:8], texts[:8], rewards[:8].tolist())]
                 tb.add_text("samples", "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(rows), step)
 
     def _reduce_max(self, t: Tensor) -> Tensor:
@@ -468,6 +466,11 @@ class PolicyOptModule(L.LightningModule):
         if state is not None and dist.is_initialized():
             dist.barrier()  # the folder is complete when any rank returns
         return path
+
+
+def _repeat(xs: list[Any], k: int) -> list[Any]:
+    """Each item ``k`` times in a row: per-prompt columns aligned with contiguous groups."""
+    return [x for x in xs for _ in range(k)]
 
 
 class NonFiniteError(RuntimeError):

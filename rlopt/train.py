@@ -54,6 +54,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
         log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
         chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
+        log_entropy=bool(cfg.get("log_entropy", True)),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlopt.algorithms import build_preset
-from rlopt.data import FileSource, PromptDataModule, TaskSource
+from rlopt.data import FileSource, PromptDataModule
 from rlopt.models import apply_lora, is_peft, load_policy
 from rlopt.module import PolicyOptModule
 from rlopt.rewards import RewardSet, countdown_check, math_answer

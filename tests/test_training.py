@@ -250,3 +250,10 @@ def test_research_script_without_hydra(tiny_dir):
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
     assert len(module.reward_history) == 2 and all(math.isfinite(r) for r in module.reward_history)
+
+
+def test_log_entropy_switch(compose_cfg):
+    # log_entropy=false skips the per-token entropy (no softmax over the vocabulary per update)
+    on, _, _ = fit(compose_cfg("algorithm=dapo"))
+    off, _, _ = fit(compose_cfg("algorithm=dapo", "log_entropy=false"))
+    assert "entropy/mean" in on.history[-1] and "entropy/mean" not in off.history[-1]
