@@ -2,6 +2,7 @@
 
     python benchmarks/lm_head_memory.py                       # Qwen2.5-0.5B head, 8192 tokens
     python benchmarks/lm_head_memory.py --tokens 2048 --repeats 3 --chunk-rows 128,256,1024
+    python benchmarks/lm_head_memory.py --chunk-rows 256,256:2048     # 256-row chunks, 2048 MiB of logits saved
 
 The problem: hidden states ``[tokens, 896]`` (float32), the head weight ``[151936, 896]``
 (Qwen2.5-0.5B's hidden size and vocabulary), random chosen ids, temperature 0.7; the loss is
@@ -10,7 +11,8 @@ The problem: hidden states ``[tokens, 896]`` (float32), the head weight ``[15193
 * naive: ``log_softmax((h @ W.T) / tau).gather(ids)``, autograd (the ``[tokens, V]`` logits,
   their scaled copy, the log-softmax saved for backward, and their gradients);
 * chunked: ``rlopt.algorithms.lm_head.chunked_lm_head_logprobs`` with ``chunk_rows`` rows per
-  chunk (its own backward: recomputes each chunk's logits).
+  chunk (its own backward: recomputes each chunk's logits). ``ROWS:MIB`` keeps up to ``MIB``
+  MiB of logits from the forward for the backward (``saved_rows``): those chunks are not recomputed.
 
 Memory method: each variant runs in a fresh subprocess. After building the inputs (and a
 small warm-up so that libraries and thread pools are loaded) the process resets the kernel's
@@ -76,7 +78,7 @@ class _Poller:
 def worker(a) -> dict:
     import torch
 
-    from rlopt.algorithms.lm_head import chunked_lm_head_logprobs
+    from rlopt.algorithms.lm_head import chunked_lm_head_logprobs, saved_rows_for
 
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -88,11 +90,20 @@ def worker(a) -> dict:
     up = torch.randn(a.tokens, generator=g).to(dev)
     tau = a.temperature
 
+    if a.variant == "f64":  # the reference: the chunked path in float64 (tests: == naive float64 to 1e-11)
+        h = h.detach().double().requires_grad_(True)
+        w = w.detach().double().requires_grad_(True)
+        up = up.double()
+
     def run(hh, ww, ii, uu):
-        if a.variant == "naive":
+        if a.variant == "f64":
+            logp = chunked_lm_head_logprobs(hh, ww, ii, temperature=tau, chunk_rows=256)
+        elif a.variant == "naive":
             logp = torch.log_softmax((hh @ ww.t()) / tau, dim=-1).gather(-1, ii[:, None]).squeeze(-1)
         else:
-            logp = chunked_lm_head_logprobs(hh, ww, ii, temperature=tau, chunk_rows=int(a.variant))
+            rows, _, mib = a.variant.partition(":")
+            logp = chunked_lm_head_logprobs(hh, ww, ii, temperature=tau, chunk_rows=int(rows),
+                                            saved_rows=saved_rows_for(ww.shape[0], float(mib or 0)))
         (logp * uu).sum().backward()
 
     # warm-up on a small slice (loads kernels, thread pools); then drop its gradients
@@ -134,16 +145,26 @@ def worker(a) -> dict:
     return dict(variant=a.variant, times=times, peaks=peaks, method=method)
 
 
+def _name(variant: str) -> str:
+    if variant in ("naive", "f64"):
+        return {"naive": "naive", "f64": "float64 reference"}[variant]
+    rows, _, mib = variant.partition(":")
+    return f"chunked, {rows} rows" + (f", {mib} MiB saved" if mib else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--chunk-rows", default="256", help="comma-separated chunk sizes to measure")
+    ap.add_argument("--chunk-rows", default="256",
+                    help="comma-separated chunk sizes to measure; ROWS:MIB also keeps MIB MiB of logits for the backward")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--f64-reference", action="store_true",
+                    help="also compute the gradients in float64 and report each variant's error against them")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (peak = torch.cuda.max_memory_allocated)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--save-grads", help=argparse.SUPPRESS)
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     tmp = tempfile.mkdtemp(prefix="lmhead-")
-    variants = ([] if a.skip_naive else ["naive"]) + a.chunk_rows.split(",")
+    variants = ([] if a.skip_naive else ["naive"]) + a.chunk_rows.split(",") + (["f64"] if a.f64_reference else [])
     print(f"# LM head fwd+bwd: {a.tokens} tokens x hidden {a.hidden} x vocab {a.vocab}, float32, tau {a.temperature}, "
           f"{a.threads} threads, {a.repeats} repeat(s), {os.cpu_count()} CPU cores, device {a.device}; "
           f"logits alone would be {a.tokens * a.vocab * 4 / 2**30:.2f} GiB, the weight {a.vocab * a.hidden * 4 / 2**30:.2f} GiB",
@@ -174,9 +195,21 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(lines[-1][7:])
         r["grads"] = grads
         results[v] = r
-        print(f"  {'naive' if v == 'naive' else 'chunked ' + v + ' rows':18s}: peak +{statistics.median(r['peaks']) / 2**20:8.0f} MiB "
+        print(f"  {_name(v):18s}: peak +{statistics.median(r['peaks']) / 2**20:8.0f} MiB "
               f"[{r['method']}]  time {statistics.median(r['times']):7.2f} s  (runs {[round(t, 2) for t in r['times']]})",
               flush=True)
+    if "f64" in results:
+        ref64 = torch.load(results["f64"]["grads"])
+        print("\n| variant | max abs error vs float64, hidden grad | weight grad | weight grad, relative to its largest |")
+        print("|---|---|---|---|")
+        for v, r in results.items():
+            if v == "f64":
+                continue
+            g = torch.load(r["grads"])
+            eh = (g["h"].double() - ref64["h"]).abs().max().item()
+            ew = (g["w"].double() - ref64["w"]).abs().max().item()
+            print(f"| {_name(v)} | {eh:.2e} | {ew:.2e} | {ew / ref64['w'].abs().max().item():.1e} |")
+        os.remove(results.pop("f64")["grads"])
     if "naive" in results:
         n = results["naive"]
         ref = torch.load(n["grads"])
@@ -192,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             dw = (g["w"] - ref["w"]).abs().max().item()
             rel = max(dh / ref["h"].abs().max().item(), dw / ref["w"].abs().max().item())
             pc, tc = statistics.median(r["peaks"]), statistics.median(r["times"])
-            print(f"| chunked, {v} rows | {pc / 2**20:.0f} | 1/{pn / max(pc, 1):.1f} | {tc:.2f} | {tc / tn:.2f}x "
+            print(f"| {_name(v)} | {pc / 2**20:.0f} | 1/{pn / max(pc, 1):.1f} | {tc:.2f} | {tc / tn:.2f}x "
                   f"| {dh:.2e} / {dw:.2e} (relative to the largest gradient: {rel:.1e}) |")
     for r in results.values():
         os.remove(r["grads"])

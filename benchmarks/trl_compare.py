@@ -37,8 +37,9 @@ Identical work, per configuration:
 
 What rlopt does differently (its own code paths, not settings): the lean KV-cache sampler
 (rlopt/sampler.py: preallocated cache, finished rows dropped from the batch), and in the update
-it skips the columns that are padding in every row of a micro-batch, ordering the rows by
-length first so micro-batches hold similar lengths (rlopt/module.py ``_trim_padding``).
+it skips the columns that are padding in every row of a micro-batch, ordering whole groups by
+length first so micro-batches hold similar lengths (rlopt/module.py ``_trim_padding``), and
+runs each prompt once per micro-batch with its KV cache shared by the group (rlopt/shared_prompt.py).
 
 Measured per worker (a fresh process each): wall time from the end of the first step to the
 end of the last (the first step, with its one-off allocations, is excluded; both frameworks'
@@ -49,6 +50,10 @@ its RSS after loading the model, mean reward per step. FLOPs per step:
 ``6 * params * (prompt + completion tokens)`` for the training forward + backward, counting
 real (unpadded) tokens, tied embedding counted once, attention's own FLOPs ignored;
 the ceiling is the measured float32 matmul rate (``torch.mm`` 2048^3 on the same thread count).
+These are *nominal* FLOPs: every completion's prompt is counted, as a plain forward over
+``[prompt + completion]`` rows computes it. rlopt runs each distinct prompt once per pass and
+shares its KV cache with the G completions (``share_prompt``, ``share_prefill``), so it
+executes fewer FLOPs than the nominal count, and its "fraction of the ceiling" can exceed 100%.
 """
 
 from __future__ import annotations
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {size:5s} {algo:4s} {fw:5s}: {med['samples_s']:7.2f} samples/s {med['tokens_s']:8.1f} tok/s "
                       f"{med['step_s']:6.2f} s/step  peak RSS {med['peak_rss']:6.0f} MB (after load "
                       f"{med['rss_loaded']:5.0f})  reward {med['reward_first']:.3f} -> {med['reward_last']:.3f}  "
-                      f"{med['gflops']:.2f} GFLOP/s = {100 * med['ceiling_frac']:.1f}% of ceiling  "
+                      f"{med['gflops']:.2f} nominal GFLOP/s = {100 * med['ceiling_frac']:.1f}% of ceiling  "
                       f"(process {med['process_s']:.0f}s; runs {med['samples_s_all']}; 1-min load average after "
                       f"{med['loadavg']:.1f}" + (f"; rollout {med['rollout_s']:.2f}s + update {med['update_s']:.2f}s "
                                                   "per step" if fw == "rlopt" else "") + ")", flush=True)

@@ -28,10 +28,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .algorithms import AdvantageEstimator, PolicyObjective, SeqMeanTokenSumNorm, token_logprobs
-from .algorithms.lm_head import auto_chunk_rows, chunked_lm_head_logprobs, split_causal_lm
+from .algorithms.lm_head import auto_chunk_rows, chunked_lm_head_logprobs, saved_rows_for, split_causal_lm
+from .algorithms.registry import check_range
 from .models import is_peft
 from .rewards import RewardSet
 from .rollout import HFGenerate, Rollout, RolloutEngine
+from .shared_prompt import PromptPlan, prompt_plan, shared_prompt_forward, supports_shared_prompt
 from . import distributed as _dist
 
 
@@ -59,6 +61,8 @@ class PolicyOptModule(L.LightningModule):
         seed: int = 0,
         chunked_lm_head: bool = False,
         lm_head_chunk_rows: int | None = None,
+        lm_head_saved_mib: float = 0.0,
+        share_prompt: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -86,6 +90,10 @@ class PolicyOptModule(L.LightningModule):
         # chunked LM head: log-probs from hidden states without the full [n, T, V] logits (lm_head.py)
         self.chunked_lm_head = bool(chunked_lm_head)
         self.lm_head_chunk_rows = lm_head_chunk_rows
+        self.lm_head_saved_mib = float(check_range("lm_head_saved_mib", lm_head_saved_mib, low=0.0))
+        # one forward per distinct prompt, shared by its G completions (shared_prompt.py)
+        self.share_prompt = bool(share_prompt)
+        self._shared_ok: dict[int, bool] = {}  # per model: does the shared-prompt forward apply
         advantage.check_group_size(self.group_size)
         agg = objective.aggregation
         if isinstance(agg, SeqMeanTokenSumNorm) and agg.max_len is None:
@@ -182,20 +190,42 @@ class PolicyOptModule(L.LightningModule):
                              ) -> tuple[Tensor, Tensor | None]:
         ids, attn = ro.input_ids, ro.attention_mask  # [n, P+T]
         t = ro.completion_ids.shape[1]
-        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
+        plan = self._prompt_plan(model, ro)
         if self.chunked_lm_head:  # pad positions get 0 (every objective masks them)
             decoder, weight, bias = split_causal_lm(model)
-            hid = decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
-                          use_cache=False).last_hidden_state[:, -(t + 1):-1]  # [n, T, H]
+            if plan is not None:
+                hid = shared_prompt_forward(decoder, ro, plan, hidden=True)  # [n, T, H]
+            else:
+                pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
+                hid = decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
+                              use_cache=False).last_hidden_state[:, -(t + 1):-1]  # [n, T, H]
             rows = self.lm_head_chunk_rows or auto_chunk_rows(weight.shape[0])
+            saved = saved_rows_for(weight.shape[0], self.lm_head_saved_mib, weight.dtype)
             out = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, self.rollout.temperature,
-                                           chunk_rows=rows, return_entropy=with_entropy, mask=ro.completion_mask)
+                                           chunk_rows=rows, return_entropy=with_entropy, mask=ro.completion_mask,
+                                           saved_rows=saved)
             return out if with_entropy else (out, None)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                       logits_to_keep=t + 1).logits[:, :-1]  # [n, T, V]
+        if plan is not None:
+            logits = shared_prompt_forward(model, ro, plan)  # [n, T, V]
+        else:
+            pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                           logits_to_keep=t + 1).logits[:, :-1]  # [n, T, V]
         if with_entropy:
             return token_logprobs(logits, ro.completion_ids, self.rollout.temperature, return_entropy=True)
         return token_logprobs(logits, ro.completion_ids, self.rollout.temperature), None
+
+    def _prompt_plan(self, model: torch.nn.Module, ro: Rollout) -> PromptPlan | None:
+        """Which rows share a prompt, when the shared-prompt forward applies: ``share_prompt`` on,
+        unsharded weights (FSDP's per-forward collectives are left alone), a full-attention KV
+        cache and no gradient checkpointing."""
+        if not self.share_prompt or _dist.is_sharded(self.policy):
+            return None
+        if self._shared_ok.get(id(model)) is None:
+            self._shared_ok[id(model)] = supports_shared_prompt(_dist.unwrap(model))
+        if not self._shared_ok[id(model)]:
+            return None
+        return prompt_plan(ro.prompt_ids, ro.prompt_mask)
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
@@ -235,7 +265,8 @@ class PolicyOptModule(L.LightningModule):
         for _epoch in range(self.ppo_epochs):
             for mb, passes in self._minibatches(n, micro, gen):
                 opt.zero_grad(set_to_none=True)
-                chunks = list(_by_length(mb.to(self.device), ro, micro).split(micro)) if len(mb) else []
+                order = _by_length(mb.to(self.device), ro, micro, g if self.share_prompt else 1)
+                chunks = list(order.split(micro)) if len(mb) else []
                 for _ in range(passes - len(chunks)):  # fewer rows here than on another rank
                     self._idle_pass(ro)
                 for idx in chunks:
@@ -369,9 +400,16 @@ class PolicyOptModule(L.LightningModule):
         out["perf/update_s"] = torch.tensor(t_upd)
         out["lr"] = torch.tensor(self.optimizers().optimizer.param_groups[0]["lr"])
         out["train/skipped_updates"] = torch.tensor(float(self.skipped_updates))
-        self.log_dict({k: v.float() for k, v in out.items()}, on_step=True, on_epoch=False, batch_size=len(prompts))
-        self.log("reward", out["reward/mean"], prog_bar=True, logger=False, on_step=True, batch_size=len(prompts))
-        self.history.append({k: float(v) for k, v in out.items()})
+        keys = list(out)
+        vals = torch.stack([torch.as_tensor(out[k], dtype=torch.float32, device=self.device).reshape(())
+                            for k in keys]).tolist()
+        scalars = dict(zip(keys, vals))  # one host sync for all of them
+        self.history.append(scalars)
+        # Lightning's self.log costs ~0.25 ms a key: hand it the scalars only on the steps its loggers write
+        # (trainer.log_every_n_steps; configs/trainer sets 1); the history above keeps every step's values.
+        if _should_update_logs(self.trainer):
+            self.log_dict(scalars, on_step=True, on_epoch=False, batch_size=len(prompts))
+        self.log("reward", scalars["reward/mean"], prog_bar=True, logger=False, on_step=True, batch_size=len(prompts))
         # this rollout's index: opt.step() above already advanced global_step; Lightning logs the
         # scalars at this index too, and keep_ratios (training_step) used the same condition
         step = self.global_step - 1
@@ -490,14 +528,23 @@ def _trim_padding(ro: Rollout) -> Rollout:
                                completion_mask=ro.completion_mask[:, :width])
 
 
-def _by_length(rows: Tensor, ro: Rollout, micro: int) -> Tensor:
+def _by_length(rows: Tensor, ro: Rollout, micro: int, group_size: int = 1) -> Tensor:
     """With gradient accumulation (micro-batches smaller than the minibatch), order the rows by
     length so that each micro-batch holds similar lengths and ``_trim_padding`` drops more
-    columns. The accumulated gradient is the same sum, in another order."""
+    columns. With ``group_size`` G > 1 the rows of a group (rollout rows ``j // G``, one prompt)
+    stay together, ordered by the group's total length, so that a micro-batch holds whole groups
+    and the shared-prompt forward runs each prompt once. The accumulated gradient is the same
+    sum, in another order."""
     if micro >= rows.numel():
         return rows
-    lengths = ro.prompt_mask[rows].sum(-1) + ro.completion_mask[rows].sum(-1)
-    return rows[torch.sort(lengths, stable=True).indices]
+    lengths = ro.prompt_mask[rows].sum(-1) + ro.completion_mask[rows].sum(-1)  # [n]
+    order = torch.sort(lengths, stable=True).indices
+    if group_size > 1:
+        gid = rows // group_size  # [n]
+        order = order[torch.sort(gid[order], stable=True).indices]  # groups contiguous, by length inside
+        total = torch.zeros(int(gid.max()) + 1, dtype=lengths.dtype, device=lengths.device).index_add_(0, gid, lengths)
+        order = order[torch.sort(total[gid[order]], stable=True).indices]  # groups by total length
+    return rows[order]
 
 
 def _mix(*xs: int) -> int:
@@ -557,6 +604,12 @@ class _MetricAccumulator:
                     dist.all_reduce(v, op=op)
                 out[k] = v
         return out
+
+
+def _should_update_logs(trainer: Any) -> bool:
+    """Whether Lightning's loggers write this step's scalars (``log_every_n_steps``, or the last step)."""
+    connector = getattr(trainer, "_logger_connector", None)  # Lightning's own test, in the same loop state
+    return bool(getattr(connector, "should_update_logs", True)) or bool(getattr(trainer, "fast_dev_run", False))
 
 
 def _tensorboard(module: L.LightningModule) -> Any:

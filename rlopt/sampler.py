@@ -61,6 +61,10 @@ def warp_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     return scores
 
 
+def _is_sdpa(model) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+
+
 def _buffer_layer_class():
     from transformers import DynamicLayer
 
@@ -124,17 +128,21 @@ class KVCacheSampler(RolloutEngine):
     batch are unfinished, the finished rows are dropped from the forward passes and the cache
     (buffer cache only), so the remaining steps cost in proportion to the rows still sampling.
     The random stream is unchanged by it (one multinomial over all ``[N, V]`` rows per step,
-    finished rows keeping their last probabilities); the tokens can differ from ``generate``
-    only if a smaller batch changes the logits' float rounding (it did not in the tests)."""
+    finished rows keeping their last probabilities). ``share_prefill`` (buffer cache): each
+    distinct prompt's prefill runs once and its cache rows are repeated for its ``num_samples``
+    samples. The tokens can differ from ``generate`` only if a smaller batch changes the logits'
+    float rounding (it did not in the tests)."""
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
-                 cache: str = "buffer", prune_finished: bool = True, prune_below: float = 0.75) -> None:
+                 cache: str = "buffer", prune_finished: bool = True, prune_below: float = 0.75,
+                 share_prefill: bool = True) -> None:
         super().__init__(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
         if cache not in ("buffer", "dynamic", "static"):
             raise ValueError(f"rollout.cache={cache!r} is not valid; valid choices: buffer, dynamic, static")
         self.cache = cache
         self.prune_finished = bool(prune_finished)
         self.prune_below = float(prune_below)
+        self.share_prefill = bool(share_prefill)
 
     def _new_cache(self, model, max_len: int):
         from transformers import DynamicCache, DynamicLayer, StaticCache
@@ -161,27 +169,43 @@ class KVCacheSampler(RolloutEngine):
         full_mask[:, :p] = mask
         # no padding at all: no mask (as generate does; attention then takes its causal fast path)
         has_pad = bool((mask == 0).any())
+        # decode steps (one query per row) under SDPA take the [N, 1, 1, P+t] boolean mask as it is:
+        # transformers returns a 4D mask unchanged instead of rebuilding it every step
+        mask4 = None  # set below for the buffer cache, whose keys are exactly the filled prefix
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, P]
         next_pos = pos[:, -1:] + 1  # [N, 1]
         out_ids = torch.full((n, t_max), int(pad_token_id), dtype=ids.dtype, device=dev)  # [N, T]
         unfinished = torch.ones(n, dtype=torch.bool, device=dev)  # [N]
         pad = torch.tensor(int(pad_token_id), dtype=ids.dtype, device=dev)
-        cache, prunable = self._new_cache(model, p + t_max)
+        cache, buffered = self._new_cache(model, p + t_max)
+        # the G samples of a prompt share its prefill: B rows through the model, the cache rows repeated
+        share = buffered and self.share_prefill and num_samples > 1
+        if buffered and has_pad and _is_sdpa(model):
+            mask4 = full_mask.bool()[:, None, None, :]  # [N, 1, 1, P+T]
         # synced_gpus (sharded weights, several ranks): every forward is a collective, so all ranks
         # step until every rank is done, with their full batch (no pruning)
         synced = bool(synced_gpus) and torch.distributed.is_available() and torch.distributed.is_initialized()
-        prunable = prunable and self.prune_finished and not greedy and not synced
+        prunable = buffered and self.prune_finished and not greedy and not synced
         rows = None  # indices of the rows still in the forward batch (None: all N)
         probs = None  # [N, V] last probabilities of every row (finished rows keep theirs)
         self.last_row_steps = 0  # rows x decode steps computed by the last call (pruning lowers it)
         was_training = model.training
         model.eval()
         try:
-            out = model(input_ids=ids, attention_mask=full_mask[:, :p] if has_pad else None, position_ids=pos,
-                        cache=cache, use_cache=True, logits_to_keep=1)
+            if share:
+                out = model(input_ids=prompt_ids, attention_mask=prompt_mask if has_pad else None,
+                            position_ids=pos[::num_samples], cache=cache, use_cache=True, logits_to_keep=1)
+                rep = torch.arange(prompt_ids.shape[0], device=dev).repeat_interleave(num_samples)  # [N]
+                for layer in cache.layers:
+                    layer.keep_rows(rep)  # [B, h, P, d] -> [N, h, P, d]
+                logits = out.logits[:, -1].index_select(0, rep)  # [N, V]
+            else:
+                out = model(input_ids=ids, attention_mask=full_mask[:, :p] if has_pad else None, position_ids=pos,
+                            cache=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]  # [N, V]
             steps = 0
             for step in range(t_max):
-                scores = out.logits[:, -1].float()  # [n_rows, V]
+                scores = logits.float()  # [n_rows, V]
                 if greedy:
                     tok = scores.argmax(dim=-1)
                 else:
@@ -214,10 +238,12 @@ class KVCacheSampler(RolloutEngine):
                     rows = keep
                 self.last_row_steps += n if rows is None else rows.numel()
                 step_tok = tok[:, None] if rows is None else tok[rows, None]
-                step_mask = full_mask[:, :p + steps] if rows is None else full_mask[rows, :p + steps]
+                src = full_mask if mask4 is None else mask4
+                step_mask = src[..., :p + steps] if rows is None else src[rows][..., :p + steps]
                 step_pos = next_pos if rows is None else next_pos[rows]
                 out = model(input_ids=step_tok, attention_mask=step_mask if has_pad else None,
                             position_ids=step_pos, cache=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)

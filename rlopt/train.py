@@ -54,6 +54,8 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
         log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
         chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
+        lm_head_saved_mib=float(cfg.get("lm_head_saved_mib", 0)),
+        share_prompt=bool(cfg.get("share_prompt", True)),
         log_entropy=bool(cfg.get("log_entropy", True)),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

@@ -69,6 +69,52 @@ def test_entropy_and_its_gradient_match_direct_computation(dtype, tau, chunk_row
             torch.testing.assert_close(g, r, **tol(dtype))
 
 
+@pytest.mark.parametrize("saved_rows", [4, 10, 21, 1000])  # 21 rows in chunks of 4: 1, 2, all, all saved
+@pytest.mark.parametrize("entropy", [False, True])
+def test_saved_logits_give_the_same_values_and_gradients(saved_rows, entropy):
+    """Keeping chunks' logits from the forward (saved_rows) replaces the recomputation by the very
+    same numbers: bitwise equal to saved_rows=0, and to the naive path within float64 rounding."""
+    hid, w, b, ids, wl, we = make(F64)
+    out = {}
+    for k in (0, saved_rows):
+        logp, ent = chunked_lm_head_logprobs(hid, w, ids, bias=b, temperature=0.7, chunk_rows=4,
+                                             return_entropy=True, saved_rows=k)
+        loss = (logp * wl).sum() + ((ent * we).sum() if entropy else 0)
+        out[k] = (logp.detach(), torch.autograd.grad(loss, params(hid, w, b)))
+    assert torch.equal(out[0][0], out[saved_rows][0])
+    for a, c in zip(out[0][1], out[saved_rows][1]):
+        assert torch.equal(a, c)
+    ref, ref_ent = naive(hid, w, b, ids, 0.7)
+    ref_grads = torch.autograd.grad((ref * wl).sum() + ((ref_ent * we).sum() if entropy else 0), params(hid, w, b))
+    for g, r in zip(out[saved_rows][1], ref_grads):
+        torch.testing.assert_close(g, r, **tol(F64))
+
+
+def test_saved_logits_skip_the_recomputation_and_survive_a_second_backward(monkeypatch):
+    """Saved chunks are not recomputed (counted); retain_graph: the first backward consumes the
+    saved logits in place, the second recomputes them."""
+    from rlopt.algorithms import lm_head
+    from rlopt.algorithms.lm_head import saved_rows_for
+
+    calls = []
+    real = lm_head._chunk_logits
+    monkeypatch.setattr(lm_head, "_chunk_logits", lambda h, *a: calls.append(h.shape[0]) or real(h, *a))
+    hid, w, b, ids, wl, _ = make(F64)  # 21 rows: chunks of 4, 4, 4, 4, 4, 1
+    logp = chunked_lm_head_logprobs(hid, w, ids, bias=b, chunk_rows=4, saved_rows=10)
+    assert len(calls) == 6
+    loss = (logp * wl).sum()
+    g1 = torch.autograd.grad(loss, params(hid, w, b), retain_graph=True)
+    assert len(calls) == 6 + 4  # the two chunks within 10 rows came from the forward
+    g2 = torch.autograd.grad(loss, params(hid, w, b))
+    assert len(calls) == 6 + 4 + 6
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+    assert saved_rows_for(151936, 1024) == (1 << 30) // (4 * 151936)  # 1 GiB of float32 rows: 1766
+    assert saved_rows_for(37, 1, torch.float64) == (1 << 20) // (8 * 37)
+    with pytest.raises(ValueError, match="saved_rows"):
+        chunked_lm_head_logprobs(hid, w, ids, saved_rows=-1)
+
+
 def test_detached_entropy_gives_the_logp_gradient_only():
     hid, w, b, ids, wl, _ = make(F64)
     logp, ent = chunked_lm_head_logprobs(hid, w, ids, bias=b, temperature=0.8, chunk_rows=3, return_entropy=True)
@@ -258,3 +304,6 @@ def test_all_padding_columns_are_skipped_without_changing_logprobs(chunked):
     order = _by_length(rows, ro, micro=2)
     assert sorted(order.tolist()) == rows.tolist()
     assert torch.equal(_by_length(rows, ro, micro=100), rows)
+    grouped = _by_length(rows, ro, micro=2, group_size=2).tolist()  # groups {0, 1} and {2, 3} stay whole
+    assert sorted(grouped) == rows.tolist() and {frozenset(grouped[:2]), frozenset(grouped[2:])} == {
+        frozenset({0, 1}), frozenset({2, 3})}

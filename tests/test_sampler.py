@@ -120,6 +120,25 @@ def test_pruning_finished_rows_changes_nothing(tiny, seed):
     assert work[1] < work[0]  # rows were dropped
 
 
+@pytest.mark.parametrize("seed", [0, 4])
+def test_shared_prefill_runs_each_prompt_once_and_changes_nothing(tiny, seed):
+    """share_prefill: the prefill sees the B distinct prompts (not B*G rows); same tokens, same stream."""
+    model, tok, ids, mask = tiny
+    outs, first_batch = [], []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: first_batch.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        for share in (False, True):
+            first_batch.clear()
+            torch.manual_seed(seed)
+            engine = KVCacheSampler(max_new_tokens=12, share_prefill=share)
+            ro = engine.generate(model, ids, mask, 5, eos_token_id=tok.eos_token_id, pad_token_id=0)
+            outs.append((ro, torch.get_rng_state()))
+            assert first_batch[0] == (ids.shape[0] * (1 if share else 5), ids.shape[1])  # the prefill call
+    finally:
+        hook.remove()
+    _assert_same(*outs)
+
+
 def test_no_padding_prompts_and_model_mode_restored(tiny):
     model, tok, _, _ = tiny
     enc = tok(["abc>", "cba>"], return_tensors="pt", padding=True)

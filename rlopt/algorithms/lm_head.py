@@ -12,7 +12,8 @@ only one ``[chunk_rows, V]`` block alive at a time and saves the row-wise ``logs
 softmax mean of the logits when the entropy is asked for); the backward recomputes each chunk's
 logits, forms ``d loss / d logits`` in place and accumulates the gradients of ``hidden`` (per
 chunk) and ``weight`` / ``bias`` (summed over chunks). The price is one extra ``h @ W.T``
-matmul (the recomputation): 4 matmuls instead of 3.
+matmul (the recomputation): 4 matmuls instead of 3. ``saved_rows`` buys part of it back with
+memory: the logits of that many rows are kept from the forward (selective recomputation).
 
 With ``z = (h W^T + b) / tau``, ``p = softmax(z)``, ``lse = logsumexp(z)``:
 
@@ -50,8 +51,9 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, inv_tau: float
 class _ChunkedLMHeadLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, inv_tau: float,
-                chunk_rows: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
+                chunk_rows: int, with_entropy: bool, saved_rows: int) -> tuple[Tensor, Tensor]:
         rows = hidden.shape[0]
+        kept: dict[int, Tensor] = {}  # chunk start -> its logits, for the chunks within saved_rows
         mdt = _math_dtype(hidden.dtype)
         logp = torch.empty(rows, dtype=mdt, device=hidden.device)
         lse = torch.empty(rows, dtype=mdt, device=hidden.device)
@@ -64,8 +66,11 @@ class _ChunkedLMHeadLogprob(torch.autograd.Function):
             logp[s:e] = z.gather(-1, ids[s:e, None]).squeeze(-1) - lse_c
             if with_entropy:
                 ez[s:e] = torch.softmax(z, dim=-1).mul_(z).sum(-1)  # a [c, V] temporary, then freed
+            if e <= saved_rows:
+                kept[s] = z
         ent = lse - ez if with_entropy else torch.zeros_like(logp)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, ez)
+        ctx.kept = kept
         ctx.inv_tau, ctx.chunk_rows, ctx.with_entropy = inv_tau, chunk_rows, with_entropy
         ctx.set_materialize_grads(False)  # an unused output (a detached entropy) gets None, not zeros
         return logp, ent
@@ -82,10 +87,14 @@ class _ChunkedLMHeadLogprob(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=mdt, device=weight.device) if need_w else None  # accumulated
         grad_b = torch.zeros(weight.shape[0], dtype=mdt, device=weight.device) if need_b else None
-        for s in range(0, rows, chunk_rows):
+        kept, ctx.kept = ctx.kept, {}  # consumed in place below (a second backward recomputes them)
+        starts = sorted(range(0, rows, chunk_rows), key=lambda s: s not in kept)  # kept chunks first: freed early
+        for s in starts:
             e = min(s + chunk_rows, rows)
             h = hidden[s:e]
-            z = _chunk_logits(h, weight, bias, inv_tau)  # [c, V] recomputed
+            z = kept.pop(s, None)
+            if z is None:
+                z = _chunk_logits(h, weight, bias, inv_tau)  # [c, V] recomputed
             gl = g_logp[s:e, None]  # [c, 1]
             if use_ent:
                 ge = g_ent[s:e, None].to(mdt)
@@ -111,18 +120,21 @@ class _ChunkedLMHeadLogprob(torch.autograd.Function):
             del z, dz, dzc
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def chunked_lm_head_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, bias: Tensor | None = None,
                              temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                             return_entropy: bool = False, mask: Tensor | None = None
+                             return_entropy: bool = False, mask: Tensor | None = None, saved_rows: int = 0
                              ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token ``log p(ids)`` ``[N, T]`` of ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     ``hidden`` ``[N, T, H]`` (any leading shape matching ``ids``), ``weight`` ``[V, H]``,
     ``bias`` ``[V]`` or None. With ``return_entropy`` also the entropy ``[N, T]``. ``mask``
     (same shape as ``ids``): rows where it is 0 are not computed and get 0 (and no gradient).
+    ``saved_rows``: the logits of the first chunks, up to this many rows, are kept from the forward
+    for the backward instead of recomputed (``saved_rows_for`` turns a memory budget into rows):
+    a fraction f of the rows saved costs ``f * R * V`` floats and saves ``f`` of the extra matmul.
     Results are float32 (float64 for float64 inputs)."""
     if hidden.shape[:-1] != ids.shape:
         raise ValueError(f"shape mismatch: hidden{list(hidden.shape)} must be ids{list(ids.shape)} + [H]")
@@ -132,6 +144,7 @@ def chunked_lm_head_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, bias: 
         raise ValueError(f"bias{list(bias.shape)} must be [V] = [{weight.shape[0]}]")
     tau = check_range("temperature", temperature, low=0.0, low_inclusive=False)
     step = int(check_range("chunk_rows", chunk_rows, low=1))
+    saved = int(check_range("saved_rows", saved_rows, low=0))
     out_shape = ids.shape
     h = hidden.reshape(-1, hidden.shape[-1])  # [R, H]
     flat_ids = ids.reshape(-1)  # [R]
@@ -147,7 +160,7 @@ def chunked_lm_head_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, bias: 
         logp = ent = (h.sum() + weight.sum()).to(_math_dtype(h.dtype)) * 0 + h.new_zeros(0, dtype=_math_dtype(h.dtype))
     else:
         logp, ent = _ChunkedLMHeadLogprob.apply(h.contiguous(), weight, bias, flat_ids.contiguous(), 1.0 / tau,
-                                                step, bool(return_entropy))
+                                                step, bool(return_entropy), saved)
     if keep is not None:
         full = logp.new_zeros(ids.numel())
         logp = full.index_copy(0, keep, logp)
@@ -155,6 +168,11 @@ def chunked_lm_head_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, bias: 
             ent = full.index_copy(0, keep, ent)
     logp = logp.view(out_shape)
     return (logp, ent.view(out_shape)) if return_entropy else logp
+
+
+def saved_rows_for(vocab_size: int, budget_mib: float, dtype: torch.dtype = torch.float32) -> int:
+    """Rows of ``[rows, V]`` logits (math dtype: float32, float64 for float64) that fit ``budget_mib``."""
+    return int(float(budget_mib) * (1 << 20)) // (_math_dtype(dtype).itemsize * max(int(vocab_size), 1))
 
 
 def auto_chunk_rows(vocab_size: int, budget_bytes: int = 128 << 20) -> int:

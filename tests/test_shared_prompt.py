@@ -1,0 +1,151 @@
+"""The shared-prompt forward (rlopt/shared_prompt.py) against the plain forward, in float64:
+the same log-probs and the same parameter gradients, with left-padded prompts of different
+lengths, completions ending at different steps, one-token completions, and the chunked LM head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlopt.rollout import Rollout, completion_mask_from
+from rlopt.shared_prompt import prompt_plan, shared_prompt_forward, supports_shared_prompt
+
+
+def _model(tie: bool = True, vocab: int = 13, attn: str = "sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, tie_word_embeddings=tie)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).double()
+    assert model.config._attn_implementation == attn
+    return model
+
+
+def _rollout(g: int = 3, t: int = 5, seed: int = 1, padded: bool = True) -> Rollout:
+    """Three prompts (lengths 4, 2, 3, left-padded to 4; or all of length 4), ``g`` completions
+    each; EOS (1) at random."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [[5, 6, 7, 8], [9, 4], [3, 11, 12]] if padded else [[5, 6, 7, 8], [9, 4, 2, 10], [3, 11, 12, 2]]
+    p = max(map(len, prompts))
+    pid = torch.tensor([[0] * (p - len(x)) + x for x in prompts])  # [B, P]
+    pm = (torch.arange(p)[None] >= torch.tensor([p - len(x) for x in prompts])[:, None]).long()  # [B, P]
+    pid, pm = pid.repeat_interleave(g, 0), pm.repeat_interleave(g, 0)  # [N, P]
+    comp = torch.randint(1, 13, (pid.shape[0], t), generator=gen)  # [N, T], 1 = EOS
+    cm, trunc = completion_mask_from(comp, 1)
+    comp = torch.where(cm.bool(), comp, torch.zeros_like(comp))
+    return Rollout(pid, pm, comp, cm, trunc)
+
+
+def _plain_logp(model, ro: Rollout) -> torch.Tensor:
+    ids, attn = ro.input_ids, ro.attention_mask
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    t = ro.completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, -(t + 1):-1]
+    return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
+
+
+def _shared_logp(model, ro: Rollout) -> torch.Tensor:
+    plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
+    logits = shared_prompt_forward(model, ro, plan)
+    return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
+
+
+def _grads(model, logp: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (logp * w).sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_grads_close(got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    """Llama's RMSNorm and rotary tables compute in float32 even in a float64 model, so the
+    gradients agree to float32 rounding (~1e-7 relative), not 1e-15: the shared path sums a
+    prompt's G rows in another order. 2e-6 of each tensor's largest entry; a wrong gradient
+    (a row counted once instead of G times, a lost cache gradient) is off by O(1) of it."""
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * float(b.abs().max()) + 1e-12)
+
+
+def test_plan_groups_identical_prompts_only():
+    ro = _rollout(g=3)
+    plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
+    assert plan.first.tolist() == sorted(plan.first.tolist()) or len(plan.first) == 3
+    # rows 0-2, 3-5, 6-8 share a prompt: the inverse maps each group to one distinct prompt
+    assert plan.inverse.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and plan.first.tolist() == [0, 3, 6]
+    assert plan.repeats == 3  # contiguous groups: gathered by expand
+    x = torch.arange(3.0)[:, None]  # [U, 1]
+    assert plan.gather(x).squeeze(1).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    shuffled = prompt_plan(ro.prompt_ids[[4, 0, 8, 1, 3]], ro.prompt_mask[[4, 0, 8, 1, 3]])
+    assert shuffled.repeats == 0 and shuffled.inverse.tolist() == [0, 1, 2, 1, 0] and shuffled.first.tolist() == [0, 1, 2]
+    assert shuffled.gather(x).squeeze(1).tolist() == [0, 1, 2, 1, 0]
+    assert prompt_plan(ro.prompt_ids[::3], ro.prompt_mask[::3]) is None  # all distinct: no plan
+    # same tokens but a different padding pattern would be a different prompt
+    pm = ro.prompt_mask.clone()
+    pm[1, -1] = 0
+    assert len(set(prompt_plan(ro.prompt_ids, pm).inverse.tolist())) == 4
+
+
+@pytest.mark.parametrize("t", [1, 2, 5])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("shuffle", [False, True])  # contiguous groups (expand) / any order (index_select)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # a 4D boolean mask for SDPA; transformers' own for eager
+def test_logprobs_and_gradients_equal_the_plain_forward(t, tie, shuffle, attn):
+    model = _model(tie=tie, attn=attn)
+    # eager attention gives NaN on left-padded prompt rows in the *plain* forward too (transformers
+    # 5.24, float64): compare it on unpadded prompts
+    ro = _rollout(g=3, t=t, padded=attn == "sdpa")
+    if shuffle:
+        ro = ro.select(torch.tensor([4, 0, 8, 1, 3, 7, 2, 6, 5]))
+    w = torch.randn(ro.completion_ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = _plain_logp(model, ro)
+    got = _shared_logp(model, ro)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+
+
+def test_hidden_states_for_the_chunked_head():
+    from rlopt.algorithms.lm_head import chunked_lm_head_logprobs, split_causal_lm
+
+    model = _model(tie=True)
+    ro = _rollout(g=4, t=4)
+    decoder, weight, bias = split_causal_lm(model)
+    hid = shared_prompt_forward(decoder, ro, prompt_plan(ro.prompt_ids, ro.prompt_mask), hidden=True)  # [N, T, H]
+    got = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, 1.0, chunk_rows=5, mask=ro.completion_mask)
+    w = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = _plain_logp(model, ro)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+
+
+def test_module_uses_it_and_matches_share_prompt_false():
+    """PolicyOptModule.completion_logprobs with and without sharing: same values and gradients."""
+    from rlopt.algorithms import build_preset
+    from rlopt.module import PolicyOptModule
+    from rlopt.rewards import RewardSet, exact_match
+    from rlopt.tiny import build_tokenizer
+
+    model = _model(tie=True, vocab=len(build_tokenizer()))
+    ro = _rollout(g=3, t=5)
+    out = {}
+    for share in (True, False):
+        adv, obj = build_preset("grpo")
+        m = PolicyOptModule(model, build_tokenizer(), adv, obj, RewardSet({"m": exact_match}), group_size=3,
+                            share_prompt=share)
+        assert (m._prompt_plan(model, ro) is not None) == share
+        logp, ent = m.completion_logprobs(model, ro, with_entropy=True)
+        mask = ro.completion_mask.double()  # values after EOS are never read (every objective masks them)
+        out[share] = (logp.detach() * mask, ent.detach() * mask, _grads(model, logp, mask))
+    # float32 rounding inside the float64 model (see _assert_grads_close); the module trims padding
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-7)
+    _assert_grads_close(out[True][2], out[False][2])
+
+
+def test_gradient_checkpointing_turns_it_off():
+    model = _model()
+    assert supports_shared_prompt(model)
+    model.gradient_checkpointing_enable()
+    assert not supports_shared_prompt(model)
