@@ -401,9 +401,9 @@ class PolicyOptModule(L.LightningModule):
         out["lr"] = torch.tensor(self.optimizers().optimizer.param_groups[0]["lr"])
         out["train/skipped_updates"] = torch.tensor(float(self.skipped_updates))
         keys = list(out)
-        vals = torch.stack([torch.as_tensor(out[k], dtype=torch.float32, device=self.device).reshape(())
-                            for k in keys]).tolist()
-        scalars = dict(zip(keys, vals))  # one host sync for all of them
+        on_dev = [k for k in keys if torch.is_tensor(out[k]) and out[k].device.type != "cpu"]
+        got = dict(zip(on_dev, torch.stack([out[k].float().reshape(()) for k in on_dev]).tolist())) if on_dev else {}
+        scalars = {k: got[k] if k in got else float(out[k]) for k in keys}  # one device sync for all of them
         self.history.append(scalars)
         # Lightning's self.log costs ~0.25 ms a key: hand it the scalars only on the steps its loggers write
         # (trainer.log_every_n_steps; configs/trainer sets 1); the history above keeps every step's values.
@@ -607,7 +607,12 @@ class _MetricAccumulator:
 
 
 def _should_update_logs(trainer: Any) -> bool:
-    """Whether Lightning's loggers write this step's scalars (``log_every_n_steps``, or the last step)."""
+    """Whether Lightning's loggers write this step's scalars: Lightning's own test (every
+    ``log_every_n_steps``-th step, or a step after which ``should_stop`` is already set). With
+    ``log_every_n_steps`` > 1, ``trainer.callback_metrics`` (what ``ModelCheckpoint`` /
+    ``EarlyStopping`` monitors read) therefore holds the last *logged* step's training scalars,
+    and a step stopped by a callback during that step (preemption) is not written; validation
+    metrics are unaffected and ``module.history`` holds every step."""
     connector = getattr(trainer, "_logger_connector", None)  # Lightning's own test, in the same loop state
     return bool(getattr(connector, "should_update_logs", True)) or bool(getattr(trainer, "fast_dev_run", False))
 

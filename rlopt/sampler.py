@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .rollout import Rollout, RolloutEngine, completion_mask_from
+from .shared_prompt import takes_4d_bool_mask, takes_cache
 
 
 def _eos_tensor(eos_token_id, device: torch.device) -> Tensor:
@@ -59,10 +60,6 @@ def warp_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
-
-
-def _is_sdpa(model) -> bool:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
 
 
 def _buffer_layer_class():
@@ -159,6 +156,10 @@ class KVCacheSampler(RolloutEngine):
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
                  eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not takes_cache(base):
+            raise ValueError(f"rollout=lean (KVCacheSampler) needs a transformers model whose forward takes `cache=`; "
+                             f"{type(base).__name__}.forward does not: use rollout=hf_generate (model.generate)")
         ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
         mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
         n, p = ids.shape
@@ -180,7 +181,7 @@ class KVCacheSampler(RolloutEngine):
         cache, buffered = self._new_cache(model, p + t_max)
         # the G samples of a prompt share its prefill: B rows through the model, the cache rows repeated
         share = buffered and self.share_prefill and num_samples > 1
-        if buffered and has_pad and _is_sdpa(model):
+        if buffered and has_pad and takes_4d_bool_mask(model):
             mask4 = full_mask.bool()[:, None, None, :]  # [N, 1, 1, P+T]
         # synced_gpus (sharded weights, several ranks): every forward is a collective, so all ranks
         # step until every rank is done, with their full batch (no pruning)

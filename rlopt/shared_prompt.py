@@ -19,6 +19,7 @@ Needs a model whose forward takes transformers' ``cache=`` with a ``DynamicCache
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -59,20 +60,43 @@ def prompt_plan(prompt_ids: Tensor, prompt_mask: Tensor) -> PromptPlan | None:
 
 
 def supports_shared_prompt(model: torch.nn.Module) -> bool:
-    """A transformers model with a full-attention ``DynamicCache`` and no gradient checkpointing."""
+    """A transformers model whose forward takes ``cache=``, with a full-attention ``DynamicCache``,
+    no gradient checkpointing and no dropout (with dropout the G completions would share one
+    dropout mask over their prompt, where the plain forward draws one per row)."""
     try:
         from transformers import DynamicCache, DynamicLayer
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
-    cfg = getattr(model, "config", None)
-    ckpt = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if cfg is None or getattr(model, ckpt, False):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    cfg = getattr(base, "config", None)
+    if cfg is None or not takes_cache(base):
+        return False
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+        return False
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or any(
+            float(getattr(cfg, k, 0) or 0) > 0 for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")):
         return False
     try:
         cache = DynamicCache(config=cfg)
     except (TypeError, ValueError, AttributeError, KeyError):  # a config DynamicCache cannot read
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def takes_cache(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` has transformers' ``cache`` argument (remote-code models may not)."""
+    try:
+        return "cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_4d_bool_mask(model: torch.nn.Module) -> bool:
+    """SDPA attention and no position bias computed from a 2D mask (ALiBi: Bloom, MPT, Falcon-RW):
+    such a model can be handed a ready ``[n, 1, q, k]`` boolean mask."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "_attn_implementation", None) == "sdpa" and not getattr(cfg, "alibi", False)
+            and getattr(cfg, "model_type", "") not in ("bloom", "mpt", "falcon"))
 
 
 def shared_prompt_forward(model: torch.nn.Module, ro, plan: PromptPlan, hidden: bool = False) -> Tensor:
@@ -99,7 +123,7 @@ def shared_prompt_forward(model: torch.nn.Module, ro, plan: PromptPlan, hidden: 
         layer.keys, layer.values = plan.gather(layer.keys), plan.gather(layer.values)
     c_ids = ro.completion_ids[:, :-1]  # [n, T-1] the last token predicts nothing
     attn = torch.cat([ro.prompt_mask, ro.completion_mask[:, :-1].to(ro.prompt_mask.dtype)], dim=1)  # [n, P+T-1]
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":  # SDPA takes a 4D boolean mask as it is
+    if takes_4d_bool_mask(model):  # SDPA takes a 4D boolean mask as it is
         causal = torch.ones(t - 1, p + t - 1, dtype=torch.bool, device=attn.device).tril(p)  # [T-1, P+T-1]
         attn = attn.bool()[:, None, None, :] & causal  # [n, 1, T-1, P+T-1]: every row sees its prompt
     c_pos = ro.prompt_mask.long().sum(-1, keepdim=True) + torch.arange(t - 1, device=c_ids.device)  # [n, T-1]

@@ -144,8 +144,32 @@ def test_module_uses_it_and_matches_share_prompt_false():
     _assert_grads_close(out[True][2], out[False][2])
 
 
-def test_gradient_checkpointing_turns_it_off():
+def test_gradient_checkpointing_dropout_and_no_cache_argument_turn_it_off():
+    from rlopt.shared_prompt import takes_4d_bool_mask
+
     model = _model()
-    assert supports_shared_prompt(model)
+    assert supports_shared_prompt(model) and takes_4d_bool_mask(model)
     model.gradient_checkpointing_enable()
+    assert not supports_shared_prompt(model)  # transformers turns the cache off in training
+    model = _model()
+    model.config.attention_dropout = 0.1
+    assert not supports_shared_prompt(model)  # G completions would share one dropout mask of their prompt
+    model = _model()
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.05))  # e.g. LoRA dropout
     assert not supports_shared_prompt(model)
+
+    class OldStyle(torch.nn.Module):  # a remote-code model: past_key_values=, no cache=
+        config = _model().config
+
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None):
+            raise AssertionError("not called")
+
+    assert not supports_shared_prompt(OldStyle())
+    with pytest.raises(ValueError, match="rollout=hf_generate"):
+        from rlopt.sampler import KVCacheSampler
+
+        KVCacheSampler().generate(OldStyle(), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+                                  2, eos_token_id=1, pad_token_id=0)
+    alibi = _model()
+    alibi.config.alibi = True  # position bias built from a 2D mask (Falcon-RW, Bloom, MPT): no 4D mask
+    assert not takes_4d_bool_mask(alibi) and not takes_4d_bool_mask(_model(attn="eager"))
