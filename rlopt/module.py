@@ -33,7 +33,7 @@ from .algorithms.registry import check_range
 from .models import is_peft
 from .rewards import RewardSet
 from .rollout import HFGenerate, Rollout, RolloutEngine
-from .shared_prompt import PromptPlan, prompt_plan, shared_prompt_forward, supports_shared_prompt
+from .shared_prompt import PromptPlan, completion_states, prompt_plan, supports_shared_prompt
 from . import distributed as _dist
 
 
@@ -188,37 +188,25 @@ class PolicyOptModule(L.LightningModule):
 
     def _completion_logprobs(self, model: torch.nn.Module, ro: Rollout, with_entropy: bool
                              ) -> tuple[Tensor, Tensor | None]:
-        ids, attn = ro.input_ids, ro.attention_mask  # [n, P+T]
-        t = ro.completion_ids.shape[1]
         plan = self._prompt_plan(model, ro)
         if self.chunked_lm_head:  # pad positions get 0 (every objective masks them)
             decoder, weight, bias = split_causal_lm(model)
-            if plan is not None:
-                hid = shared_prompt_forward(decoder, ro, plan, hidden=True)  # [n, T, H]
-            else:
-                pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
-                hid = decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
-                              use_cache=False).last_hidden_state[:, -(t + 1):-1]  # [n, T, H]
+            hid = completion_states(decoder, ro, plan, hidden=True)  # [n, T, H]
             rows = self.lm_head_chunk_rows or auto_chunk_rows(weight.shape[0])
             saved = saved_rows_for(weight.shape[0], self.lm_head_saved_mib, weight.dtype)
             out = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, self.rollout.temperature,
                                            chunk_rows=rows, return_entropy=with_entropy, mask=ro.completion_mask,
                                            saved_rows=saved)
             return out if with_entropy else (out, None)
-        if plan is not None:
-            logits = shared_prompt_forward(model, ro, plan)  # [n, T, V]
-        else:
-            pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                           logits_to_keep=t + 1).logits[:, :-1]  # [n, T, V]
+        logits = completion_states(model, ro, plan)  # [n, T, V]
         if with_entropy:
             return token_logprobs(logits, ro.completion_ids, self.rollout.temperature, return_entropy=True)
         return token_logprobs(logits, ro.completion_ids, self.rollout.temperature), None
 
     def _prompt_plan(self, model: torch.nn.Module, ro: Rollout) -> PromptPlan | None:
         """Which rows share a prompt, when the shared-prompt forward applies: ``share_prompt`` on,
-        unsharded weights (FSDP's per-forward collectives are left alone), a full-attention KV
-        cache and no gradient checkpointing."""
+        unsharded weights (FSDP's per-forward collectives are left alone) and a model that
+        ``supports_shared_prompt`` (checked once per model)."""
         if not self.share_prompt or _dist.is_sharded(self.policy):
             return None
         if self._shared_ok.get(id(model)) is None:

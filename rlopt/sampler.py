@@ -98,7 +98,9 @@ class _BufferLayerMixin:
         return self.keys, self.values
 
     def keep_rows(self, idx: Tensor) -> None:
-        """Drop the rows not in ``idx`` (the filled prefix is copied into a smaller buffer)."""
+        """Keep rows ``idx`` of the buffer, in that order: dropping finished rows (pruning) or
+        repeating a prompt's rows for its samples (shared prefill); the filled prefix is copied
+        into a new buffer of ``len(idx)`` rows."""
         kb = self.kbuf.new_empty((idx.numel(),) + self.kbuf.shape[1:])
         vb = self.vbuf.new_empty((idx.numel(),) + self.vbuf.shape[1:])
         kb[:, :, :self.length].copy_(self.kbuf[idx, :, :self.length])
@@ -156,10 +158,9 @@ class KVCacheSampler(RolloutEngine):
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
                  eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not takes_cache(base):
+        if not takes_cache(model):
             raise ValueError(f"rollout=lean (KVCacheSampler) needs a transformers model whose forward takes `cache=`; "
-                             f"{type(base).__name__}.forward does not: use rollout=hf_generate (model.generate)")
+                             f"{type(model).__name__}.forward does not: use rollout=hf_generate (model.generate)")
         ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
         mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
         n, p = ids.shape
@@ -170,9 +171,6 @@ class KVCacheSampler(RolloutEngine):
         full_mask[:, :p] = mask
         # no padding at all: no mask (as generate does; attention then takes its causal fast path)
         has_pad = bool((mask == 0).any())
-        # decode steps (one query per row) under SDPA take the [N, 1, 1, P+t] boolean mask as it is:
-        # transformers returns a 4D mask unchanged instead of rebuilding it every step
-        mask4 = None  # set below for the buffer cache, whose keys are exactly the filled prefix
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, P]
         next_pos = pos[:, -1:] + 1  # [N, 1]
         out_ids = torch.full((n, t_max), int(pad_token_id), dtype=ids.dtype, device=dev)  # [N, T]
@@ -181,8 +179,9 @@ class KVCacheSampler(RolloutEngine):
         cache, buffered = self._new_cache(model, p + t_max)
         # the G samples of a prompt share its prefill: B rows through the model, the cache rows repeated
         share = buffered and self.share_prefill and num_samples > 1
-        if buffered and has_pad and takes_4d_bool_mask(model):
-            mask4 = full_mask.bool()[:, None, None, :]  # [N, 1, 1, P+T]
+        # decode steps (one query per row) under SDPA take a [N, 1, 1, P+t] boolean mask as it is (transformers
+        # returns a 4D mask unchanged instead of rebuilding it every step); buffer cache: keys == the filled prefix
+        mask4 = full_mask.bool()[:, None, None, :] if buffered and has_pad and takes_4d_bool_mask(model) else None
         # synced_gpus (sharded weights, several ranks): every forward is a collective, so all ranks
         # step until every rank is done, with their full batch (no pruning)
         synced = bool(synced_gpus) and torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -3,6 +3,7 @@
     plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)          # None when no two rows share a prompt
     logits = shared_prompt_forward(model, ro, plan)            # [n, T, V], == model(prompt + completion)
     hidden = shared_prompt_forward(decoder, ro, plan, hidden=True)   # [n, T, H] (chunked LM head)
+    logits = completion_states(model, ro, None)                # the plain forward over [prompt + completion]
 
 GRPO-style training samples G completions per prompt, and a plain forward over ``[n, P + T]``
 runs every prompt G times. Here the distinct prompts ``[U, P]`` go through the model once, with
@@ -67,9 +68,9 @@ def supports_shared_prompt(model: torch.nn.Module) -> bool:
         from transformers import DynamicCache, DynamicLayer
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    base = _base(model)
     cfg = getattr(base, "config", None)
-    if cfg is None or not takes_cache(base):
+    if cfg is None or not takes_cache(model):
         return False
     if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
         return False
@@ -83,10 +84,16 @@ def supports_shared_prompt(model: torch.nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (whose own forward takes ``**kwargs``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def takes_cache(model: torch.nn.Module) -> bool:
-    """Whether ``model.forward`` has transformers' ``cache`` argument (remote-code models may not)."""
+    """Whether the (PEFT-unwrapped) ``model.forward`` has transformers' ``cache`` argument
+    (remote-code models may not)."""
     try:
-        return "cache" in inspect.signature(model.forward).parameters
+        return "cache" in inspect.signature(_base(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -97,6 +104,22 @@ def takes_4d_bool_mask(model: torch.nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     return (getattr(cfg, "_attn_implementation", None) == "sdpa" and not getattr(cfg, "alibi", False)
             and getattr(cfg, "model_type", "") not in ("bloom", "mpt", "falcon"))
+
+
+def completion_states(model: torch.nn.Module, ro, plan: PromptPlan | None, hidden: bool = False) -> Tensor:
+    """Logits ``[n, T, V]`` (``hidden=True``: a decoder's last hidden states ``[n, T, H]``) at the
+    positions that predict the ``T`` completion tokens: the shared-prompt forward when ``plan``
+    is given, else one plain forward over ``[prompt + completion]``."""
+    if plan is not None:
+        return shared_prompt_forward(model, ro, plan, hidden=hidden)
+    ids, attn = ro.input_ids, ro.attention_mask  # [n, P+T]
+    t = ro.completion_ids.shape[1]
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T] positions that skip left padding
+    if hidden:
+        return model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                     use_cache=False).last_hidden_state[:, -(t + 1):-1]  # [n, T, H]
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                 logits_to_keep=t + 1).logits[:, :-1]  # [n, T, V]
 
 
 def shared_prompt_forward(model: torch.nn.Module, ro, plan: PromptPlan, hidden: bool = False) -> Tensor:

@@ -208,3 +208,20 @@ def test_chunked_lm_head_config_trains(tmp_path):
     module, _, trainer = fit(cfg)
     assert module.chunked_lm_head and trainer.global_step == 2
     assert all(math.isfinite(v) for v in module.history[-1].values())
+
+
+def test_performance_keys_reach_the_module_and_bad_values_are_named(tmp_path):
+    """share_prompt, lm_head_saved_mib and rollout.share_prefill: config -> module; a negative
+    lm_head_saved_mib names the key."""
+    from rlopt.train import build
+    from tests.conftest import compose_train, fit
+
+    cfg = compose_train(tmp_path, ["chunked_lm_head=true", "lm_head_saved_mib=64", "share_prompt=false",
+                                   "rollout.share_prefill=false"])
+    module, _, trainer = fit(cfg)
+    assert module.lm_head_saved_mib == 64.0 and not module.share_prompt and not module.rollout.share_prefill
+    assert trainer.global_step == 2
+    default = build(compose_train(tmp_path / "d"))[0]
+    assert default.share_prompt and default.lm_head_saved_mib == 0.0 and default.rollout.share_prefill
+    with pytest.raises(ValueError, match="lm_head_saved_mib"):
+        build(compose_train(tmp_path / "bad", ["lm_head_saved_mib=-1"]))
