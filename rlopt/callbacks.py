@@ -19,7 +19,8 @@ from typing import Any
 
 import lightning as L
 
-CLIP_KINDS = ("low", "high", "region")
+from .algorithms.clipping import CLIP_FLAGS, CLIP_MAIN_FLAGS
+
 
 
 def _tag(tag: str) -> str:
@@ -30,12 +31,12 @@ def clip_fraction_layout() -> dict[str, dict[str, list[Any]]]:
     """The layout: ``{category: {chart title: ["Multiline" | "Margin", [tag regexes]]}}``."""
     return {
         "clip fractions": {
-            **{f"token {k}": ["Multiline", [_tag(f"clip/token_{k}")]] for k in CLIP_KINDS},
-            **{f"sequence {k}": ["Multiline", [_tag(f"clip/seq_{k}")]] for k in CLIP_KINDS},
+            **{f"token {k}": ["Multiline", [_tag(f"clip/token_{k}")]] for k in CLIP_MAIN_FLAGS},
+            **{f"sequence {k}": ["Multiline", [_tag(f"clip/seq_{k}")]] for k in CLIP_MAIN_FLAGS},
         },
         "clip fractions (other flags)": {
             f"{level} {k}": ["Multiline", [_tag(f"clip/{prefix}_{k}")]]
-            for level, prefix in (("token", "token"), ("sequence", "seq")) for k in ("cap", "outside")
+            for level, prefix in (("token", "token"), ("sequence", "seq")) for k in CLIP_FLAGS if k not in CLIP_MAIN_FLAGS
         },
         "reward and ratio": {
             "reward": ["Multiline", [_tag("reward/mean")]],

@@ -48,12 +48,11 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
                          f"of data.batch_size x group_size = {n} completions")
     if cfg.micro_batch_size is not None and int(cfg.micro_batch_size) < 1:
         raise ValueError(f"config key 'micro_batch_size' must be >= 1 or null, got {cfg.micro_batch_size}")
-    loss = cfg.loss
     try:
-        parts["objective"] = PolicyObjective(parts["ratio"], parts["clip"], parts["aggregation"], kl=loss.kl,
-                                             kl_coef=loss.kl_coef, entropy_coef=loss.entropy_coef)
+        parts["objective"] = PolicyObjective(parts["ratio"], parts["clip"], parts["aggregation"], kl=cfg.kl.estimator,
+                                             kl_coef=cfg.kl.coef, entropy_coef=cfg.entropy.coef)
     except ValueError as e:
-        raise ValueError(f"config key 'loss': {e}") from None
+        raise ValueError(f"config key 'kl' / 'entropy': {e}") from None
     if not cfg.task.rewards:
         raise ValueError("config key 'task.rewards' is empty: at least one reward function is required")
     return parts

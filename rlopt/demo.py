@@ -32,7 +32,7 @@ def _row(label: str, ours: list[float], seed: list[float] | None, flags: list[st
 
 def grpo() -> None:
     print("GRPO (seed version): discounted return, token ratio, clipped weight (eps 0.2)")
-    est, obj = build_preset("seed_grpo")
+    est, obj = build_preset("discounted_weight_clip")
     mask = torch.ones(1, 5, dtype=F64)
     returns = est(torch.tensor([8.0], dtype=F64), mask)  # terminal reward 8, gamma 0.9
     _row("step 1  G_t = 0.9^(5-t) * 8", returns[0].tolist(), [5.25, 5.83, 6.48, 7.2, 8.0])
@@ -68,7 +68,7 @@ def gspo() -> None:
     mask = torch.zeros(3, 7, dtype=F64)
     for i, n in enumerate(lengths):  # spread log P(y) evenly over the L tokens of each answer
         logp[i, :n], old[i, :n], mask[i, :n] = math.log(p_new[i]) / n, math.log(p_old[i]) / n, 1.0
-    est, obj = build_preset("seed_gspo")
+    est, obj = build_preset("contrast_seq_ratio")
     adv = est(rewards, mask, group_size=3)
     print(f"  step 1  rewards 9, 8, 5 -> good = above the mean {rewards.mean().item():.3f}: A, B; bad: C")
     _row("        contrast advantages +1/|good|, -1/|bad|", adv[:, 0].tolist(), None)

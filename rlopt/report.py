@@ -46,11 +46,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-CLIP_KINDS = ("low", "high", "region")
+from .algorithms.clipping import CLIP_MAIN_FLAGS
+
 CLIP_LEVELS = (("token", "token"), ("seq", "sequence"))  # tag prefix, label
 #: per-run metric -> (TensorBoard tag, how it is reduced over steps)
 STEP_MEANS = {
-    **{f"clip_{p}_{k}": f"clip/{p}_{k}" for p, _ in CLIP_LEVELS for k in CLIP_KINDS},
+    **{f"clip_{p}_{k}": f"clip/{p}_{k}" for p, _ in CLIP_LEVELS for k in CLIP_MAIN_FLAGS},
     "kl": "kl/mean",
     "entropy": "entropy/mean",
     "tokens_per_s": "perf/tokens_per_s",
@@ -350,7 +351,7 @@ def plot_clip_fractions(df: pd.DataFrame, smooth: int | None = None):
     fig, axes = _figure(2, 3, (14, 7))
     handles: dict[str, Any] = {}
     for i, (prefix, level) in enumerate(CLIP_LEVELS):
-        for j, kind in enumerate(CLIP_KINDS):
+        for j, kind in enumerate(CLIP_MAIN_FLAGS):
             ax = axes[i, j]
             tag = f"clip/{prefix}_{kind}"
             mean, _ = curves(df, tag, smooth)

@@ -23,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from .conf import check_config
 from .data import PromptDataModule
 from .module import PolicyOptModule
+from .resources import config_dir
 from .rewards import RewardSet
 from .warmup import supervised_warmup
 
 log = logging.getLogger("rlopt")
-CONFIG_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs"))  # the repo's configs/
+CONFIG_DIR = config_dir()  # configs/ in a checkout, rlopt/configs in a wheel (rlopt/resources.py)
 
 
 def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer]:

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from rlopt.algorithms import (
-    PRESETS, AdvantageEstimator, Aggregation, ClipStrategy, DiscountedReturn, GroupBaseline,
+    AdvantageEstimator, Aggregation, ClipStrategy, DiscountedReturn, GroupBaseline,
     PPOClip, RatioScheme, SeqMeanTokenMean, SeqMeanTokenSumNorm, SequenceRatio, TokenMean,
-    TokenRatio, WeightClip, build_preset,
+    TokenRatio, WeightClip, build_preset, preset_names,
 )
 from rlopt.conf import _run_name, check_config
 from rlopt.rollout import RolloutEngine
@@ -79,10 +79,14 @@ def _rollout(cfg, option, tmp_path):
     assert eng.max_new_tokens == 4  # the debug preset's budget
 
 
-def _loss(cfg, option, tmp_path):
+def _kl(cfg, option, tmp_path):
     obj = check_config(cfg)["objective"]
-    assert obj.kl_name == cfg.loss.kl and obj.kl_coef == cfg.loss.kl_coef
-    assert obj.needs_reference == (option == "kl_k3")
+    assert obj.kl_name == cfg.kl.estimator and obj.kl_coef == cfg.kl.coef
+    assert obj.needs_reference == (option == "k3")
+
+
+def _entropy(cfg, option, tmp_path):
+    assert check_config(cfg)["objective"].entropy_coef == cfg.entropy.coef
 
 
 def _algorithm(cfg, option, tmp_path):
@@ -219,7 +223,7 @@ def _debug(cfg, option, tmp_path):
 
 HANDLERS = {
     "advantage": _advantage, "ratio": _ratio, "clip": _clip, "aggregation": _aggregation, "rollout": _rollout,
-    "loss": _loss, "algorithm": _algorithm, "model": _model, "task": _task, "optimizer": _optimizer,
+    "kl": _kl, "entropy": _entropy, "algorithm": _algorithm, "model": _model, "task": _task, "optimizer": _optimizer,
     "scheduler": _scheduler, "trainer": _trainer, "logger": _logger, "callbacks": _callbacks,
     "experiment": _experiment, "debug": _debug,
 }
@@ -251,11 +255,11 @@ def test_run_name_is_the_sanitised_overrides(tmp_path):
 
 # --- the Python presets and the Hydra algorithm configs agree ----------------------------------
 
-def test_every_preset_has_an_algorithm_config():
-    assert set(PRESETS) == set(ALGORITHMS)
+def test_every_algorithm_config_is_a_preset():
+    assert set(preset_names()) == set(ALGORITHMS)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", preset_names())
 def test_preset_and_yaml_build_identical_components(name, tmp_path):
     cfg = compose_train(tmp_path, [f"algorithm={name}"])
     parts = check_config(cfg)
@@ -321,8 +325,8 @@ BAD_CONFIGS = [
     (["steps=0"], ["steps"]),
     (["data.batch_size=0"], ["data.batch_size"]),
     (["micro_batch_size=0"], ["micro_batch_size"]),
-    (["loss.kl=null", "loss.kl_coef=0.1"], ["loss", "kl_coef > 0", "KL estimator"]),
-    (["loss.kl=k9"], ["loss", "k9", "k3"]),
+    (["kl.estimator=null", "kl.coef=0.1"], ["kl", "kl_coef > 0", "KL estimator"]),
+    (["kl.estimator=k9"], ["kl", "k9", "k3"]),
     (["advantage.scale=sideways"], ["advantage", "sideways"]),
     (["rollout.temperature=0"], ["rollout", "temperature"]),
     (["task.rewards=null"], ["task.rewards"]),

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rlopt.algorithms import (
-    ADVANTAGES, AGGREGATIONS, CLIPPING, KL_ESTIMATORS, PRESETS, RATIOS, DiscountedReturn,
+    ADVANTAGES, AGGREGATIONS, CLIPPING, KL_ESTIMATORS, RATIOS, DiscountedReturn,
     GroupBaseline, GroupContrast, PolicyObjective, PPOClip, SeqMeanTokenSumNorm, TokenRatio,
-    WeightClip, build_preset, preset_spec,
+    WeightClip, build_preset, preset_names, preset_spec,
 )
 
 F64 = torch.float64
@@ -136,7 +136,7 @@ def test_preset_override_and_component_swap():
     assert obj.clip.eps_low == 0.2 and obj.clip.eps_high == 0.3
     _, obj = build_preset("grpo", clip={"name": "weight", "eps_low": None, "eps_high": 0.28})
     assert isinstance(obj.clip, WeightClip) and obj.clip.eps_low is None
-    assert PRESETS["dapo"]["clip"]["eps_high"] == 0.28  # the table itself is not mutated
+    assert preset_spec("dapo")["clip"]["eps_high"] == 0.28  # the preset itself is not mutated
 
 
 def random_rollout(seed, n=8, t=6, g=4):
@@ -150,10 +150,10 @@ def random_rollout(seed, n=8, t=6, g=4):
     return logp, old, ref, mask, rewards, g
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", preset_names())
 def test_every_preset_builds_and_runs_forward_backward(name):
     est, obj = build_preset(name)
-    logp, old, ref, mask, rewards, g = random_rollout(sorted(PRESETS).index(name))
+    logp, old, ref, mask, rewards, g = random_rollout(preset_names().index(name))
     adv = est(rewards, mask, group_size=g)
     assert adv.shape == mask.shape and torch.isfinite(adv).all()
     x = logp.clone().requires_grad_(True)
@@ -165,11 +165,12 @@ def test_every_preset_builds_and_runs_forward_backward(name):
 
 
 def test_named_presets_have_the_papers_settings():
-    assert PRESETS["gspo"]["clip"]["eps_low"] == 3e-4 and PRESETS["gspo"]["clip"]["eps_high"] == 4e-4
-    assert PRESETS["dapo"]["clip"]["eps_high"] == 0.28
-    assert PRESETS["grpo"]["loss"]["kl_coef"] == 0.04
-    assert PRESETS["seed_grpo"]["advantage"]["gamma"] == 0.9
-    assert PRESETS["cispo"]["clip"]["eps_low"] is None
+    spec = {name: preset_spec(name) for name in ("gspo", "dapo", "grpo", "discounted_weight_clip", "cispo")}
+    assert spec["gspo"]["clip"]["eps_low"] == 3e-4 and spec["gspo"]["clip"]["eps_high"] == 4e-4
+    assert spec["dapo"]["clip"]["eps_high"] == 0.28
+    assert spec["grpo"]["kl"]["coef"] == 0.04
+    assert spec["discounted_weight_clip"]["advantage"]["gamma"] == 0.9
+    assert spec["cispo"]["clip"]["eps_low"] is None
 
 
 # --- metrics -----------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def test_grid_contents():
     assert grid(dict(compose_sweep("grpo_vs_gspo").hydra.sweeper.params))[0] == ["algorithm=grpo", "seed=0"]
     cfg = compose_sweep("clip_range", ["clip_eps=0.05"])
     assert cfg.clip.eps_low == cfg.clip.eps_high == 0.05 and cfg.clip._target_.endswith("PPOClip")
-    cfg = compose_sweep("hybrid_grid", ["advantage=group_mean", "ratio=token", "clip=ppo_gspo", "loss=none"])
-    assert cfg.clip.eps_low == 3e-4 and cfg.ratio._target_.endswith("TokenRatio") and cfg.loss.kl is None
+    cfg = compose_sweep("hybrid_grid", ["advantage=group_mean", "ratio=token", "clip=ppo_gspo", "kl=none"])
+    assert cfg.clip.eps_low == 3e-4 and cfg.ratio._target_.endswith("TokenRatio") and cfg.kl.estimator is None
     cfg = compose_sweep("clip_optuna", ["clip.eps_low=1e-4", "clip.eps_high=0.03"])  # the search box's corners
     check_config(cfg)
 

@@ -100,9 +100,9 @@ def test_grpo_token4_erratum_is_6_3_not_5_76():
 
 
 def test_grpo_seed_preset_end_to_end():
-    # build_preset("seed_grpo"): discounted return gamma 0.9 + weight clip 0.2 + token sum;
+    # build_preset("discounted_weight_clip"): discounted return gamma 0.9 + weight clip 0.2 + token sum;
     # with one sequence the loss is sum_t -clip(w_t) G_t log w_t, so -grad = clip(w_t) * G_t
-    est, obj = build_preset("seed_grpo")
+    est, obj = build_preset("discounted_weight_clip")
     logp, old, mask = grpo_inputs()
     adv = est(torch.tensor([TERMINAL_REWARD], dtype=F64), mask)
     close(adv[0], RETURNS)
@@ -192,13 +192,13 @@ def test_gspo_step4_gradient_as_sum_of_a_s_g():
     close((adv * s * g).sum(), 2.530295907535966)
 
 
-def test_gspo_step4_gradient_through_seed_gspo_objective():
+def test_gspo_step4_gradient_through_contrast_seq_ratio_objective():
     # Parametrise logp_{i,t}(theta) = c_{i,t} + theta * g_i so that d mean_t logp_i / d theta = g_i,
     # i.e. d s_i / d theta = s_i * g_i (the seed uses the given g_i as the gradient of the
-    # length-normalised log-ratio). seed_gspo: contrast advantages, sequence ratio, no clip,
+    # length-normalised log-ratio). contrast_seq_ratio: contrast advantages, sequence ratio, no clip,
     # per-sequence token mean; with normalizer=1 the loss is -sum_i A_i s_i, so
     # -d loss / d theta = sum_i A_i s_i g_i = 2.5303.
-    est, obj = build_preset("seed_gspo")
+    est, obj = build_preset("contrast_seq_ratio")
     assert isinstance(obj.clip, NoClip) and isinstance(obj.ratio, SequenceRatio)
     base, old, mask = gspo_batch()
     theta = torch.zeros((), dtype=F64, requires_grad=True)

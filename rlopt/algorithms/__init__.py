@@ -13,16 +13,16 @@ from .clipping import ClipStrategy, NoClip, PPOClip, WeightClip
 from .kl import kl_k1, kl_k2, kl_k3
 from .logprobs import token_logprobs
 from .objective import PolicyObjective, clip_metrics, masked_mean
-from .presets import PRESETS, build_component, build_preset, preset_spec
+from .presets import build_component, build_objective, build_preset, preset_names, preset_spec
 from .ratios import ProductRatio, RatioScheme, SequenceRatio, SequenceTokenRatio, TokenRatio
 from .registry import ADVANTAGES, AGGREGATIONS, CLIPPING, KL_ESTIMATORS, RATIOS, Registry
 
 __all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "CLIPPING", "KL_ESTIMATORS", "RATIOS", "PRESETS",
+    "ADVANTAGES", "AGGREGATIONS", "CLIPPING", "KL_ESTIMATORS", "RATIOS",
     "AdvantageEstimator", "Aggregation", "ClipStrategy", "DiscountedReturn", "GroupBaseline",
     "GroupContrast", "NoClip", "PPOClip", "PolicyObjective", "ProductRatio", "RatioScheme",
     "Registry", "SeqMeanTokenMean", "SeqMeanTokenSum", "SeqMeanTokenSumNorm", "SequenceRatio",
     "SequenceTokenRatio", "TokenMean", "TokenRatio", "WeightClip", "build_component",
-    "build_preset", "clip_metrics", "kl_k1", "kl_k2", "kl_k3", "masked_mean", "preset_spec",
+    "build_objective", "build_preset", "clip_metrics", "kl_k1", "kl_k2", "kl_k3", "masked_mean", "preset_names", "preset_spec",
     "token_logprobs",
 ]

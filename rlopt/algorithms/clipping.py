@@ -21,9 +21,19 @@ from torch import Tensor
 
 from .registry import CLIPPING, check_range
 
+#: The flags every clipping strategy returns (the contract above), in display order.
+CLIP_FLAGS = ("low", "high", "region", "cap", "outside")
+#: The flags where a clip zeroes the gradient (the main clip-fraction charts and report columns).
+CLIP_MAIN_FLAGS = ("low", "high", "region")
+
 
 class ClipStrategy:
-    """Base class for clipping strategies."""
+    """Base class for clipping strategies: ``__call__(ratio, adv, log_ratio) -> (loss_tok, flags)``.
+
+    ``loss_tok`` ``[N, T]`` is minimised; ``flags`` maps every name of ``CLIP_FLAGS`` to a bool
+    ``[N, T]`` tensor with the meaning given in this module's docstring (all-False where a flag
+    does not apply). ``PolicyObjective`` turns them into ``clip/token_*`` and ``clip/seq_*``.
+    """
 
     def params(self) -> dict:
         return dict(vars(self))

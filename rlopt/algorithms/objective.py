@@ -16,11 +16,9 @@ import torch
 from torch import Tensor
 
 from .aggregation import Aggregation
-from .clipping import ClipStrategy
+from .clipping import CLIP_FLAGS, ClipStrategy
 from .ratios import RatioScheme
 from .registry import AGGREGATIONS, CLIPPING, KL_ESTIMATORS, RATIOS, as_float, check_range, check_shapes
-
-CLIP_FLAGS = ("low", "high", "region", "cap", "outside")
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -1,129 +1,125 @@
-"""Named algorithm presets: each is a choice of advantage x ratio x clip x aggregation (+ KL).
+"""Named algorithm presets, read from their one source: ``configs/algorithm/<name>.yaml``.
 
     from rlopt.algorithms import build_preset
     advantage, objective = build_preset("gspo")
     advantage, objective = build_preset("dapo", clip={"eps_high": 0.3})   # override a parameter
+    advantage, objective = build_preset("grpo", clip={"name": "weight", "eps_high": 0.28})  # swap a part
 
-The Hydra configs ``configs/algorithm/<name>.yaml`` state the same choices; a test checks that
-both build identical components.
+A preset file selects one option of each algorithm config group (``override /clip: ppo_higher``)
+and may set parameters on top (``clip: {eps_high: 0.3}``). The CLI composes the same files with
+Hydra (``rlopt-train algorithm=dapo``); this module reads them with OmegaConf alone, so the pure
+math needs no Hydra run. A parameter that the YAML interpolates from another group (Dr. GRPO's
+``aggregation.max_len: ${rollout.max_new_tokens}``) is left ``None`` here: pass it explicitly.
+A test checks that both routes build identical components for every preset.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import os
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from .objective import PolicyObjective
-from .registry import ADVANTAGES, AGGREGATIONS, CLIPPING, RATIOS
+from .registry import ADVANTAGES, AGGREGATIONS, CLIPPING, RATIOS, Registry
 
-_GRPO_ADV = {"name": "group_baseline", "scale": "group", "std": "unbiased", "eps": 1e-6, "leave_one_out": False}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # DeepSeekMath (2402.03300): group-normalised outcome reward, token ratio, PPO clip 0.2,
-    # mean over tokens then sequences, k3 KL with beta 0.04.
-    "grpo": {
-        "advantage": dict(_GRPO_ADV),
-        "ratio": {"name": "token"},
-        "clip": {"name": "ppo", "eps_low": 0.2, "eps_high": 0.2},
-        "aggregation": {"name": "seq_mean_token_mean"},
-        "loss": {"kl": "k3", "kl_coef": 0.04, "entropy_coef": 0.0},
-    },
-    # GSPO (2507.18071): group advantage, sequence ratio (geometric mean), clip 3e-4 / 4e-4.
-    "gspo": {
-        "advantage": dict(_GRPO_ADV),
-        "ratio": {"name": "sequence"},
-        "clip": {"name": "ppo", "eps_low": 3e-4, "eps_high": 4e-4},
-        "aggregation": {"name": "seq_mean_token_mean"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # GSPO-token (2507.18071 eqs. 13-14): same value as GSPO, per-token gradient path.
-    "gspo_token": {
-        "advantage": dict(_GRPO_ADV),
-        "ratio": {"name": "sequence_token"},
-        "clip": {"name": "ppo", "eps_low": 3e-4, "eps_high": 4e-4},
-        "aggregation": {"name": "seq_mean_token_mean"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # DAPO (2503.14476): clip-higher 0.2 / 0.28, token-mean aggregation, no KL.
-    "dapo": {
-        "advantage": dict(_GRPO_ADV),
-        "ratio": {"name": "token"},
-        "clip": {"name": "ppo", "eps_low": 0.2, "eps_high": 0.28},
-        "aggregation": {"name": "token_mean"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # Dr. GRPO (2503.20783): no std scaling, token sums over a constant length, no KL.
-    "dr_grpo": {
-        "advantage": {**_GRPO_ADV, "scale": "none"},
-        "ratio": {"name": "token"},
-        "clip": {"name": "ppo", "eps_low": 0.2, "eps_high": 0.2},
-        "aggregation": {"name": "seq_mean_token_sum_norm", "max_len": None},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # RLOO (2402.14740): leave-one-out baseline, no scaling; PPO clip for off-policy minibatches.
-    "rloo": {
-        "advantage": {**_GRPO_ADV, "scale": "none", "leave_one_out": True},
-        "ratio": {"name": "token"},
-        "clip": {"name": "ppo", "eps_low": 0.2, "eps_high": 0.2},
-        "aggregation": {"name": "seq_mean_token_mean"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # CISPO (MiniMax-M1, 2506.13585): clipped stop-gradient weight, no lower bound, token mean.
-    "cispo": {
-        "advantage": dict(_GRPO_ADV),
-        "ratio": {"name": "token"},
-        "clip": {"name": "weight", "eps_low": None, "eps_high": 0.28},
-        "aggregation": {"name": "token_mean"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # The seed's GRPO: discounted return of the terminal reward (gamma 0.9, no baseline),
-    # clipped stop-gradient weight eps 0.2, sum over tokens.
-    "seed_grpo": {
-        "advantage": {"name": "discounted_return", "gamma": 0.9, "whiten": False, "eps": 1e-6},
-        "ratio": {"name": "token"},
-        "clip": {"name": "weight", "eps_low": 0.2, "eps_high": 0.2},
-        "aggregation": {"name": "seq_mean_token_sum"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
-    # The seed's GSPO: +1/|good|, -1/|bad| contrast, sequence ratio, no clip.
-    "seed_gspo": {
-        "advantage": {"name": "group_contrast", "atol": 1e-6},
-        "ratio": {"name": "sequence"},
-        "clip": {"name": "none"},
-        "aggregation": {"name": "seq_mean_token_mean"},
-        "loss": {"kl": None, "kl_coef": 0.0, "entropy_coef": 0.0},
-    },
+# algorithm config group -> registry of its components (the groups whose YAML has a _target_)
+COMPONENT_GROUPS: dict[str, Registry] = {
+    "advantage": ADVANTAGES, "ratio": RATIOS, "clip": CLIPPING, "aggregation": AGGREGATIONS,
 }
+# algorithm config groups of plain parameters
+PARAM_GROUPS = ("kl", "entropy")
+
+
+def _config_dir() -> str:
+    from ..resources import config_dir  # the shipped configs (rlopt.configs)
+
+    return config_dir()
+
+
+def preset_names() -> list[str]:
+    """Every preset: the files of ``configs/algorithm/``."""
+    folder = os.path.join(_config_dir(), "algorithm")
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def _load(group: str, option: str) -> dict[str, Any]:
+    path = os.path.join(_config_dir(), group, f"{option}.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config {group}/{option}.yaml (in {_config_dir()})")
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return {k: None if isinstance(v, str) and v.startswith("${") else v for k, v in (node or {}).items()}
+
+
+def _component_spec(node: dict[str, Any], group: str) -> dict[str, Any]:
+    """A component YAML (``_target_`` + parameters) as ``{"name": registered name, **parameters}``."""
+    params = dict(node)
+    module, _, cls = params.pop("_target_").rpartition(".")
+    name = getattr(getattr(importlib.import_module(module), cls), "registered_name", None)
+    if name is None or name not in COMPONENT_GROUPS[group]:
+        raise ValueError(f"{group} config target {module}.{cls} is not a registered {COMPONENT_GROUPS[group].kind}")
+    return {"name": name, **params}
+
+
+def _preset_file(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        raise ValueError(f"unknown algorithm preset {name!r}; valid choices: {', '.join(names)}")
+    return _load("algorithm", name)
 
 
 def preset_spec(name: str, **overrides: dict[str, Any]) -> dict[str, Any]:
-    """The preset's spec (a fresh copy), with per-part parameter overrides merged in."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown algorithm preset {name!r}; valid choices: {', '.join(sorted(PRESETS))}")
-    spec = copy.deepcopy(PRESETS[name])
+    """The preset as ``{group: {"name": ..., **parameters}}`` (plain-parameter groups without a
+    name), with per-group overrides merged in. An override with another ``name`` swaps the
+    component and takes only the parameters given."""
+    node = _preset_file(name)
+    chosen: dict[str, str] = {}
+    for entry in node.get("defaults", []):
+        for key, option in (entry.items() if isinstance(entry, dict) else ()):
+            group = key.replace("override", "").strip().lstrip("/")
+            chosen[group] = option
+    chosen = {**_train_defaults(), **chosen}
+    spec: dict[str, Any] = {}
+    for group in (*COMPONENT_GROUPS, *PARAM_GROUPS):
+        base = _load(group, chosen[group])
+        spec[group] = _component_spec(base, group) if group in COMPONENT_GROUPS else base
+        spec[group].update(node.get(group) or {})  # parameters the preset sets on top
     for part, params in overrides.items():
         if part not in spec:
             raise ValueError(f"unknown preset part {part!r}; valid choices: {', '.join(spec)}")
         if "name" in params and params["name"] != spec[part].get("name"):
-            spec[part] = dict(params)  # a different component: take only the given parameters
+            spec[part] = copy.deepcopy(dict(params))  # a different component: take only the given parameters
         else:
-            spec[part].update(params)
+            spec[part].update(copy.deepcopy(params))
     return spec
 
 
+def _train_defaults() -> dict[str, str]:
+    """The option ``train.yaml`` selects for each component group (used where a preset names none)."""
+    node = OmegaConf.to_container(OmegaConf.load(os.path.join(_config_dir(), "train.yaml")), resolve=False)
+    return {k: v for e in node.get("defaults", []) if isinstance(e, dict) for k, v in e.items()}
+
+
 def build_component(kind: str, spec: dict[str, Any]) -> Any:
-    registry = {"advantage": ADVANTAGES, "ratio": RATIOS, "clip": CLIPPING, "aggregation": AGGREGATIONS}[kind]
+    """Build one component from ``{"name": registered name, **parameters}``."""
     params = dict(spec)
-    return registry.build(params.pop("name"), **params)
+    return COMPONENT_GROUPS[kind].build(params.pop("name"), **params)
+
+
+def build_objective(spec: dict[str, Any]) -> PolicyObjective:
+    """The ``PolicyObjective`` of a preset spec (ratio, clip, aggregation, KL and entropy groups)."""
+    return PolicyObjective(
+        ratio=build_component("ratio", spec["ratio"]),
+        clip=build_component("clip", spec["clip"]),
+        aggregation=build_component("aggregation", spec["aggregation"]),
+        kl=spec["kl"].get("estimator"), kl_coef=spec["kl"].get("coef", 0.0),
+        entropy_coef=spec["entropy"].get("coef", 0.0),
+    )
 
 
 def build_preset(name: str, **overrides: dict[str, Any]) -> tuple[Any, PolicyObjective]:
     """Build ``(advantage_estimator, objective)`` for a named preset."""
     spec = preset_spec(name, **overrides)
-    objective = PolicyObjective(
-        ratio=build_component("ratio", spec["ratio"]),
-        clip=build_component("clip", spec["clip"]),
-        aggregation=build_component("aggregation", spec["aggregation"]),
-        **spec["loss"],
-    )
-    return build_component("advantage", spec["advantage"]), objective
+    return build_component("advantage", spec["advantage"]), build_objective(spec)
