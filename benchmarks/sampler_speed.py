@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlopt.rollout import HFGenerate
-    from rlopt.sampler import KVCacheSampler
+    from rlopt.rollout.lean import KVCacheSampler
     from trl_compare import SIZES, _task, prepare_model
 
     torch.set_num_threads(a.threads)

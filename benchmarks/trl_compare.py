@@ -22,7 +22,7 @@ Identical work, per configuration:
   step, fully on-policy: TRL ``num_iterations=1``, ``steps_per_generation=1``; rlopt
   ``ppo_epochs=1``, ``num_minibatches=1``), the same completion budget, temperature 1, no top-k/p,
   AdamW (lr, betas (0.9, 0.99), eps 1e-8, no weight decay), constant learning rate, grad-norm
-  clip 1.0, no KL (TRL ``beta=0``; rlopt ``loss=none``). Advantage ``(r - mean_g) /
+  clip 1.0, no KL (TRL ``beta=0``; rlopt ``kl=none``). Advantage ``(r - mean_g) /
   (std_g + 1e-4)`` (TRL ``scale_rewards="group"``; rlopt GroupBaseline(eps=1e-4)).
   GRPO: token ratios, clip 0.2, loss averaged over each sequence's tokens then over sequences
   (TRL ``loss_type="grpo"`` == rlopt ``seq_mean_token_mean``). GSPO: sequence ratio
@@ -36,10 +36,10 @@ Identical work, per configuration:
   old-log-prob pass; rlopt ``micro_batch_size=16``).
 
 What rlopt does differently (its own code paths, not settings): the lean KV-cache sampler
-(rlopt/sampler.py: preallocated cache, finished rows dropped from the batch), and in the update
+(rlopt/rollout/lean.py: preallocated cache, finished rows dropped from the batch), and in the update
 it skips the columns that are padding in every row of a micro-batch, ordering whole groups by
-length first so micro-batches hold similar lengths (rlopt/module.py ``_trim_padding``), and
-runs each prompt once per micro-batch with its KV cache shared by the group (rlopt/shared_prompt.py).
+length first so micro-batches hold similar lengths (rlopt/logprobs/completion.py ``trim_padding``), and
+runs each prompt once per micro-batch with its KV cache shared by the group (rlopt/logprobs/shared_prompt.py).
 
 Measured per worker (a fresh process each): wall time from the end of the first step to the
 end of the last (the first step, with its one-off allocations, is excluded; both frameworks'
@@ -187,7 +187,7 @@ def worker_rlopt(a) -> dict:
     from rlopt.module import PolicyOptModule
     from rlopt.rewards import RewardSet, partial_match
     from rlopt.rollout import HFGenerate
-    from rlopt.sampler import KVCacheSampler
+    from rlopt.rollout.lean import KVCacheSampler
 
     spec, algo = SIZES[a.size], ALGOS[a.algo]
     torch.set_num_threads(a.threads)

@@ -24,7 +24,7 @@ if not OmegaConf.has_resolver("rlopt_run_name"):
 
 def _build(cfg: DictConfig, key: str) -> Any:
     try:
-        return instantiate(cfg[key])
+        return instantiate(OmegaConf.select(cfg, key))
     except Exception as e:  # noqa: BLE001 - re-raised naming the key
         cause = e.__cause__ or e
         raise ValueError(f"config key {key!r}: {cause}") from e
@@ -34,7 +34,8 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     """Validate the composed config; return the built algorithm components."""
     from .algorithms import PolicyObjective
 
-    parts = {k: _build(cfg, k) for k in ("advantage", "ratio", "clip", "aggregation", "rollout")}
+    parts = {k: _build(cfg, k) for k in ("advantage", "ratio", "clip", "aggregation", "rollout", "correction")}
+    parts["masks"] = {k: _build(cfg, f"masks.{k}") for k in (cfg.get("masks") or {})}
     try:
         parts["advantage"].check_group_size(cfg.group_size)
     except ValueError as e:
@@ -50,9 +51,12 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"config key 'micro_batch_size' must be >= 1 or null, got {cfg.micro_batch_size}")
     try:
         parts["objective"] = PolicyObjective(parts["ratio"], parts["clip"], parts["aggregation"], kl=cfg.kl.estimator,
-                                             kl_coef=cfg.kl.coef, entropy_coef=cfg.entropy.coef)
+                                             kl_coef=cfg.kl.coef, entropy_coef=cfg.entropy.coef,
+                                             correction=parts["correction"], masks=parts["masks"],
+                                             kl_is_corrected=bool(cfg.kl.get("is_corrected", False)),
+                                             kl_is_detached=bool(cfg.kl.get("is_detached", False)))
     except ValueError as e:
-        raise ValueError(f"config key 'kl' / 'entropy': {e}") from None
+        raise ValueError(f"config key 'kl' / 'entropy' / 'correction' / 'masks': {e}") from None
     if not cfg.task.rewards:
         raise ValueError("config key 'task.rewards' is empty: at least one reward function is required")
     return parts

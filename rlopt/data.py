@@ -16,9 +16,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .ranks import rank_world
 from .tasks import ProceduralTask
 
 
@@ -84,30 +84,25 @@ class ResumableSampler(Sampler[int]):
 
     ``skip_batches`` drops the first batches of the first epoch iterated after a resume, so a
     resumed run sees exactly the prompts an uninterrupted run would. Each rank takes every
-    ``world``-th index of the permutation; ``drop_last`` keeps batch counts equal on all ranks.
+    ``world``-th index of the permutation (the dealing rule that ``ranks.minibatch_plan`` relies on);
+    ``drop_last`` keeps batch counts equal on all ranks.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.epoch, self.skip_batches = 0, 0
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def batches_per_epoch(self) -> int:
-        return self.size // self._rank_world()[1] // self.batch_size
+        return self.size // rank_world()[1] // self.batch_size
 
     def __len__(self) -> int:
         return self.batches_per_epoch() * self.batch_size
 
     def __iter__(self):
-        rank, world = self._rank_world()
+        rank, world = rank_world()
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:

@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 
 from .models import decoder_layer_classes
+from .ranks import is_global_zero, world_size
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,14 +42,6 @@ def _dtype(name: str | torch.dtype | None, key: str) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ValueError(f"{key}={name!r} is not valid; valid choices: {', '.join(_DTYPES)}, null")
     return _DTYPES[name]
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_global_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ----------------------------------------------------------------------------------- strategies

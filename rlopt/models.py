@@ -13,6 +13,7 @@ and checkpointing work (transformers refuses to serialise a model it believes is
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -63,10 +64,11 @@ def load_policy(name_or_path: str, tiny_dir: str | None = None, dtype: str = "fl
             model.save_pretrained(cache)
             tokenizer.save_pretrained(cache)
             name_or_path = cache
+    _check_exists(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype],
-                                                 trust_remote_code=trust_remote_code, **extra, **kwargs)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, trust_remote_code=trust_remote_code, **extra)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, dtype=_DTYPES[dtype],
+                             trust_remote_code=trust_remote_code, **extra, **kwargs)
     if gguf_file:
         _forget_gguf_quantizer(model)
     if gradient_checkpointing:
@@ -74,6 +76,26 @@ def load_policy(name_or_path: str, tiny_dir: str | None = None, dtype: str = "fl
     if lora:
         model = apply_lora(model, **lora)
     return model, tokenizer
+
+
+def _check_exists(name_or_path: str) -> None:
+    """A name that is not a folder must be a hub id (``org/name``), which needs a network; anything
+    else is a missing local folder, said as such (transformers would answer about repository ids)."""
+    if os.path.isdir(name_or_path) or re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name_or_path):
+        return
+    raise ValueError(f"model.name_or_path={name_or_path!r}: the folder {os.path.abspath(os.path.expanduser(name_or_path))} "
+                     "does not exist (give a local model folder; a hub id such as 'org/name' needs a network)")
+
+
+def _from_pretrained(load: Any, name_or_path: str, **kwargs: Any) -> Any:
+    try:
+        return load(name_or_path, **kwargs)
+    except OSError as e:
+        if os.path.isdir(name_or_path):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model.name_or_path={name_or_path!r} is not a local folder and could not be loaded as a "
+                         f"hub id (that needs a network): {first}") from e
 
 
 def _forget_gguf_quantizer(model: torch.nn.Module) -> None:

@@ -1,35 +1,46 @@
-"""``rlopt-report``: tables and plots from the TensorBoard logs of a sweep (or any folder of runs).
+"""``rlopt-report``: tables, statistics and plots from the TensorBoard logs of a sweep (or any folder of runs).
 
     rlopt-report multirun/grpo_vs_gspo/2026-11-27_10-00-00_quick      # writes <dir>/report/
-    rlopt-report <dir> --out docs/sweep --last 10 --smooth 5
+    rlopt-report <dir> --out docs/sweep --last 10 --smooth 5 --eval-last 3 --metric val_accuracy_greedy
     python -m rlopt.report <dir>
 
 Every folder under ``<dir>`` holding TensorBoard event files is one run, named by its path
 relative to ``<dir>`` (in a sweep: the run's overrides, e.g. ``algorithm=gspo,seed=1``). Its
 *configuration* is that name with the ``seed=...`` override removed, so the seeds of one
 configuration are aggregated. Runs that failed in a multirun left ``FAILED.txt`` (a traceback)
-in their output folder; they are listed with the first and last line of it.
+in their output folder; they are listed with the first and last line of it. A run's saved Hydra
+config (``<output folder>/.hydra/config.yaml``) gives its components.
 
 Written to ``--out`` (default ``<dir>/report``):
 
-- ``report.md``: the per-run and per-configuration tables, the failed runs and the plots;
+- ``report.md``: the tables below, the failed runs and the plots;
 - ``runs.csv``: one row per run: ``final_reward`` (mean of ``reward/mean`` over the last
   ``--last`` steps), ``best_reward`` (the best such ``--last``-step mean at any point),
+  ``val_{reward,accuracy}_{greedy,sampled}`` (held-out evaluation: mean of the last
+  ``--eval-last`` evaluations), ``evals`` (evaluations logged),
   ``clip_token_{low,high,region}`` / ``clip_seq_{low,high,region}`` (clip fractions, mean over
   all steps), ``kl``, ``entropy``, ``tokens_per_s`` (means over all steps), ``steps``, ``status``;
 - ``configs.csv``: one row per configuration: ``<metric>_mean`` and ``<metric>_std`` (sample
   std over seeds; empty for one seed), ``n_runs``, ``n_failed``;
-- ``reward.png``: reward over steps, one line per configuration (mean over seeds, band: std);
-- ``clip_fractions.png``: token and sequence clip fractions (low / high / region) over steps,
-  one line per configuration (mean over seeds).
+- ``stats.csv``: per configuration, the *score* (``--metric``; default the first logged of
+  ``val_reward_greedy``, ``val_accuracy_greedy``, ``final_reward``): mean and IQM with 95 %
+  stratified-bootstrap intervals (``rlopt.stats``; strata: tasks when the runs span several);
+- ``pairs.csv``: every pair of configurations: difference with its 95 % interval, ``resolved``,
+  probability of improvement, seeds needed per arm, and the axes the pair changes;
+- ``components.csv``: per configuration, its advantage / ratio / clip / aggregation / kl /
+  entropy and every other setting on which configurations differ;
+- ``reward.png`` (reward over steps), ``eval.png`` (held-out evaluations over steps): one line
+  per configuration, the mean over seeds with its 95 % t-interval band; ``clip_fractions.png``:
+  token and sequence clip fractions (low / high / region) over steps (mean over seeds).
 
-The same steps from Python (e.g. a notebook)::
+The statistics and how to read them: ``docs/experiments.md``. The same steps from Python::
 
-    from rlopt.report import load_runs, load_failures, summarize, aggregate, plot
+    from rlopt.report import load_runs, load_failures, summarize, aggregate, compare_configs, plot
     df = load_runs(root)                 # long table: run, config, seed, tag, step, value, wall_time
     runs = summarize(df, load_failures(root))
     configs = aggregate(runs)
-    plot(df, "out/")                     # {"reward": "out/reward.png", "clip_fractions": ...}
+    st = compare_configs(runs, load_run_configs(root))   # intervals, pairs, settings, warnings
+    plot(df, "out/")                     # {"reward": "out/reward.png", "eval": ..., "clip_fractions": ...}
 """
 
 from __future__ import annotations
@@ -41,14 +52,21 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from . import stats
 from .algorithms.clipping import CLIP_MAIN_FLAGS
+from .report_plots import (  # noqa: F401 - re-exported: rlopt.report.plot etc.
+    CLIP_LEVELS, REWARD_TAG, VAL_TAGS, curve_bands, curves, plot, plot_clip_fractions, plot_eval, plot_reward,
+)
+from .report_tables import VAL_METRICS, _fmt, compare_configs, markdown_table, stats_text  # noqa: F401
+from .runnames import (  # noqa: F401 - re-exported: rlopt.report.config_name etc.
+    _SEED, config_name, parse_overrides, run_seed, short_labels, split_overrides, without_keys,
+)
 
-CLIP_LEVELS = (("token", "token"), ("seq", "sequence"))  # tag prefix, label
 #: per-run metric -> (TensorBoard tag, how it is reduced over steps)
 STEP_MEANS = {
     **{f"clip_{p}_{k}": f"clip/{p}_{k}" for p, _ in CLIP_LEVELS for k in CLIP_MAIN_FLAGS},
@@ -56,69 +74,11 @@ STEP_MEANS = {
     "entropy": "entropy/mean",
     "tokens_per_s": "perf/tokens_per_s",
 }
-REWARD_TAG = "reward/mean"
-METRICS = ("final_reward", "best_reward", *STEP_MEANS)
-RUN_COLUMNS = ("run", "config", "seed", "status", "steps", *METRICS)
+#: per-run held-out score -> its tag (mean of the last ``eval_last`` evaluations)
+SCORE_PREFERENCE = ("val_reward_greedy", "val_accuracy_greedy", "final_reward")
+METRICS = ("final_reward", "best_reward", *VAL_METRICS, *STEP_MEANS)
+RUN_COLUMNS = ("run", "config", "seed", "status", "steps", "evals", *METRICS)
 FAILURE_COLUMNS = ("run", "config", "seed", "folder", "first_line", "last_line")
-_SEED = re.compile(r"^\+{0,2}seed=(.*)$")
-
-
-# ------------------------------------------------------------------------------------ run names
-def split_overrides(name: str) -> list[str]:
-    """``"a=1,b=[2,3]"`` -> ``["a=1", "b=[2,3]"]`` (commas inside brackets or quotes are kept)."""
-    items, depth, quote, cur = [], 0, "", []
-    for ch in name:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    items.append("".join(cur))
-    return [i for i in items if i]
-
-
-def parse_overrides(name: str) -> dict[str, str]:
-    """``"algorithm=gspo,seed=1"`` -> ``{"algorithm": "gspo", "seed": "1"}``."""
-    out = {}
-    for item in split_overrides(name):
-        key, _, value = item.partition("=")
-        out[key.lstrip("+~")] = value
-    return out
-
-
-def config_name(run: str) -> str:
-    """The run name without its ``seed=...`` override (``"default"`` if nothing is left)."""
-    prefix, _, base = run.rstrip("/").rpartition("/")
-    name = ",".join(i for i in split_overrides(base) if not _SEED.match(i)) or "default"
-    return f"{prefix}/{name}" if prefix else name
-
-
-def run_seed(run: str) -> float:
-    """The ``seed=...`` override of a run name as a number (NaN if absent or not a number)."""
-    for item in split_overrides(run.rstrip("/").rpartition("/")[2]):
-        m = _SEED.match(item)
-        if m:
-            try:
-                return float(m.group(1))
-            except ValueError:
-                return math.nan
-    return math.nan
-
-
-def short_labels(names: Iterable[str]) -> dict[str, str]:
-    """Legend labels: each name without the overrides that all names share."""
-    names = list(dict.fromkeys(names))
-    parts = {n: split_overrides(n) for n in names}
-    common = set.intersection(*(set(p) for p in parts.values())) if len(names) > 1 else set()
-    return {n: ",".join(i for i in parts[n] if i not in common) or n for n in names}
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -219,15 +179,64 @@ def load_run_info(root: str | os.PathLike, keys: Sequence[str] = ("algorithm_nam
     return pd.DataFrame(rows, columns=["run", "folder", "failed", *keys])
 
 
+def _plain(node: Any) -> Any:
+    """A loaded config as dicts / lists, each interpolation resolved where it can be (``${clip_eps}``)
+    and kept as its text where it cannot (``${hydra:...}`` outside a Hydra run)."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+        out = {}
+        for k in keys:
+            try:
+                v = node[k]
+            except Exception:  # noqa: BLE001 - unresolvable or missing (???): its text
+                v = str(node._get_node(k)._value())
+            out[k] = _plain(v)
+        return out if isinstance(node, DictConfig) else list(out.values())
+    return node
+
+
+def load_run_configs(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{run name: {"config": dict, "task": str | None, "refs": set}}`` for every run output
+    folder under ``root`` with ``.hydra/config.yaml`` (the first folder of a name wins): the saved
+    config (:func:`_plain`), the task group chosen (``.hydra/hydra.yaml``:
+    ``hydra.runtime.choices.task``) and the keys that the algorithm axes interpolate
+    (``clip.eps_low: ${clip_eps}`` -> ``clip_eps``: a change of it is counted as a change of clip)."""
+    from omegaconf import OmegaConf
+
+    root, out = Path(root), {}
+    for cfg_path in sorted(root.rglob(".hydra/config.yaml")):
+        folder = cfg_path.parent.parent
+        run = _name_of_failed(folder, root)
+        if run in out:
+            continue
+        try:
+            cfg = OmegaConf.load(cfg_path)
+            raw = OmegaConf.to_container(cfg, resolve=False)
+        except Exception:  # noqa: BLE001 - unreadable: no components for this run
+            continue
+        task = None
+        try:
+            task = OmegaConf.select(OmegaConf.load(folder / ".hydra" / "hydra.yaml"), "hydra.runtime.choices.task")
+        except Exception:  # noqa: BLE001 - no hydra.yaml: the task is unknown
+            pass
+        refs = set(re.findall(r"\$\{([A-Za-z_][\w.]*)\}", str([raw.get(k) for k in (*stats.AXES, "loss")])))
+        out[run] = {"config": _plain(cfg), "task": task, "refs": refs}
+    return out
+
+
 # ------------------------------------------------------------------------------------ tables
 def _series(df: pd.DataFrame, tag: str) -> pd.Series:
     s = df[df["tag"] == tag]
     return s.set_index("step")["value"].sort_index()
 
 
-def summarize(df: pd.DataFrame, failures: pd.DataFrame | None = None, last: int = 10) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, failures: pd.DataFrame | None = None, last: int = 10,
+              eval_last: int = 3) -> pd.DataFrame:
     """One row per run (columns ``RUN_COLUMNS``). ``failures`` (from :func:`load_failures`) marks
-    runs ``status="failed"``; a failed run without logs still gets a row (metrics NaN)."""
+    runs ``status="failed"``; a failed run without logs still gets a row (metrics NaN). The
+    ``val_*`` scores are the mean of the last ``eval_last`` held-out evaluations."""
     failed = set() if failures is None or failures.empty else set(failures["run"])
     rows = []
     for run, g in df.groupby("run", sort=True):
@@ -239,6 +248,10 @@ def summarize(df: pd.DataFrame, failures: pd.DataFrame | None = None, last: int 
             k = min(int(last), len(reward))
             row["final_reward"] = float(reward.iloc[-k:].mean())
             row["best_reward"] = float(reward.rolling(k).mean().max())
+        for name, tag in VAL_METRICS.items():
+            s = _series(g, tag)
+            row[name] = float(s.iloc[-max(1, int(eval_last)):].mean()) if len(s) else math.nan
+        row["evals"] = len(_series(g, VAL_TAGS[0]))
         for name, tag in STEP_MEANS.items():
             s = _series(g, tag)
             row[name] = float(s.mean()) if len(s) else math.nan
@@ -248,7 +261,7 @@ def summarize(df: pd.DataFrame, failures: pd.DataFrame | None = None, last: int 
         for f in failures.itertuples():
             if f.run not in seen:
                 seen.add(f.run)
-                rows.append({"run": f.run, "config": f.config, "seed": f.seed, "status": "failed", "steps": 0})
+                rows.append({"run": f.run, "config": f.config, "seed": f.seed, "status": "failed", "steps": 0, "evals": 0})
     out = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     out[list(METRICS)] = out[list(METRICS)].astype(float)
     return out.sort_values(["config", "seed", "run"]).reset_index(drop=True)
@@ -270,21 +283,6 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "" if math.isnan(v) else f"{v:.{digits}g}"
-    return str(v).replace("|", "\\|")
-
-
-def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
-    """A GitHub markdown table (no extra dependency)."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v, digits) for v in row) + " |")
-    return "\n".join(lines)
-
-
 def configs_markdown(configs: pd.DataFrame, digits: int = 4) -> str:
     """The per-configuration table with ``mean ± std`` cells."""
     out = configs[["config", "n_runs", "n_failed"]].copy()
@@ -294,122 +292,56 @@ def configs_markdown(configs: pd.DataFrame, digits: int = 4) -> str:
     return markdown_table(out, digits)
 
 
-# ------------------------------------------------------------------------------------ curves / plots
-def curves(df: pd.DataFrame, tag: str, smooth: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(mean, std)`` over seeds of ``tag`` per step, one column per configuration; each run's
-    curve is first smoothed with a trailing ``smooth``-step rolling mean."""
-    d = df[df["tag"] == tag]
-    if d.empty:
-        return pd.DataFrame(), pd.DataFrame()
-    per_run = d.pivot_table(index="step", columns="run", values="value", aggfunc="last").sort_index()
-    per_run = per_run.rolling(max(1, int(smooth)), min_periods=1).mean()
-    cfg = {r: config_name(r) for r in per_run.columns}
-    grouped = per_run.T.groupby(pd.Series(cfg))
-    return grouped.mean().T, grouped.std(ddof=1).T
-
-
-def _default_smooth(df: pd.DataFrame) -> int:
-    steps = int(df["step"].max()) + 1 if len(df) else 1
-    return max(1, steps // 20)
-
-
-def _figure(nrows: int, ncols: int, size: tuple[float, float]):
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _set_scale(ax, mean: pd.DataFrame) -> None:
-    pos = mean.to_numpy()[np.isfinite(mean.to_numpy()) & (mean.to_numpy() > 0)]
-    if len(pos) and pos.max() / pos.min() > 30:  # fractions spanning > 1.5 decades: log axis
-        ax.set_yscale("log")
-
-
-def plot_reward(df: pd.DataFrame, smooth: int | None = None, tag: str = REWARD_TAG):
-    """Reward over steps, one line per configuration (mean over seeds, band: +-1 std)."""
-    smooth = _default_smooth(df) if smooth is None else smooth
-    mean, std = curves(df, tag, smooth)
-    fig, axes = _figure(1, 1, (8, 4.5))
-    ax = axes[0, 0]
-    labels = short_labels(mean.columns)
-    for c in mean.columns:
-        line, = ax.plot(mean.index, mean[c], label=labels[c])
-        if c in std and std[c].notna().any():
-            ax.fill_between(mean.index, mean[c] - std[c], mean[c] + std[c], color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="step", ylabel=tag, title=f"{tag} (mean over seeds, band ±1 std; {smooth}-step rolling mean)")
-    ax.grid(alpha=0.3)
-    if len(mean.columns):
-        ax.legend(fontsize="small")
-    return fig
-
-
-def plot_clip_fractions(df: pd.DataFrame, smooth: int | None = None):
-    """Token (top) and sequence (bottom) clip fractions low / high / region over steps, one line
-    per configuration (mean over seeds). A panel whose values span > 1.5 decades is log-scaled."""
-    smooth = _default_smooth(df) if smooth is None else smooth
-    fig, axes = _figure(2, 3, (14, 7))
-    handles: dict[str, Any] = {}
-    for i, (prefix, level) in enumerate(CLIP_LEVELS):
-        for j, kind in enumerate(CLIP_MAIN_FLAGS):
-            ax = axes[i, j]
-            tag = f"clip/{prefix}_{kind}"
-            mean, _ = curves(df, tag, smooth)
-            labels = short_labels(mean.columns)
-            for c in mean.columns:
-                handles[labels[c]], = ax.plot(mean.index, mean[c], label=labels[c])
-            if not mean.empty:
-                _set_scale(ax, mean)
-            ax.set(title=f"{level} clip fraction: {kind}", xlabel="step", ylabel=tag)
-            ax.grid(alpha=0.3)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                   ncols=min(4, len(handles)), fontsize="small")
-    fig.suptitle(f"clip fractions (mean over seeds; {smooth}-step rolling mean)")
-    return fig
-
-
-def plot(df: pd.DataFrame, out_dir: str | os.PathLike, smooth: int | None = None, dpi: int = 110) -> dict[str, str]:
-    """Write ``reward.png`` and ``clip_fractions.png`` into ``out_dir``; return their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name, fig in (("reward", plot_reward(df, smooth)), ("clip_fractions", plot_clip_fractions(df, smooth))):
-        paths[name] = os.path.join(out_dir, f"{name}.png")
-        fig.savefig(paths[name], dpi=dpi)
-    return paths
+# ------------------------------------------------------------------------------------ statistics
+def score_metric(runs: pd.DataFrame, metric: str = "auto") -> str:
+    """``metric``, or for ``"auto"`` the first of ``SCORE_PREFERENCE`` that a finished run logged."""
+    if metric != "auto":
+        if metric not in runs:
+            raise ValueError(f"--metric {metric!r} is not a run metric; valid choices: {', '.join(METRICS)}")
+        return metric
+    ok = runs[runs["status"] == "ok"]
+    return next((m for m in SCORE_PREFERENCE if ok[m].notna().any()), SCORE_PREFERENCE[-1])
 
 
 # ------------------------------------------------------------------------------------ report
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None, last: int = 10,
-                 smooth: int | None = None) -> dict[str, Any]:
-    """Load, summarise, aggregate and plot the runs under ``root``; write the files listed in
-    the module docstring into ``out_dir`` (default ``<root>/report``). Returns the tables and paths."""
+                 smooth: int | None = None, eval_last: int = 3, metric: str = "auto", **stats_kw: Any) -> dict[str, Any]:
+    """Load, summarise, aggregate, compare and plot the runs under ``root``; write the files
+    listed in the module docstring into ``out_dir`` (default ``<root>/report``). ``stats_kw``
+    (confidence, n_resamples, method, seed) go to ``rlopt.stats``. Returns the tables, the
+    statistics (``stats``: :func:`compare_configs`) and the paths."""
     root = Path(root)
     out = Path(out_dir) if out_dir is not None else root / "report"
     df = load_runs(root)
     failures = load_failures(root)
-    runs = summarize(df, failures, last=last)
+    runs = summarize(df, failures, last=last, eval_last=eval_last)
     configs = aggregate(runs)
+    st = compare_configs(runs, load_run_configs(root), score_metric(runs, metric), **stats_kw)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"runs_csv": str(out / "runs.csv"), "configs_csv": str(out / "configs.csv"),
-             "markdown": str(out / "report.md")}
-    runs.to_csv(paths["runs_csv"], index=False)
-    configs.to_csv(paths["configs_csv"], index=False)
+    paths = {name: str(out / f"{name}.csv") for name in ("runs", "configs", "stats", "pairs", "components")}
+    paths["markdown"] = str(out / "report.md")
+    runs.to_csv(paths["runs"], index=False)
+    configs.to_csv(paths["configs"], index=False)
+    st["intervals"].to_csv(paths["stats"], index=False)
+    st["pairs"].to_csv(paths["pairs"], index=False)
+    pd.DataFrame.from_dict(st["settings"], orient="index").rename_axis("config").to_csv(paths["components"])
     if not df.empty:
         paths.update(plot(df, out, smooth))
     md = [f"# Sweep report: `{root}`", "",
           f"{len(runs)} runs ({int((runs['status'] == 'failed').sum())} failed), {len(configs)} configurations. "
           f"final_reward: mean reward of the last {last} steps; best_reward: the best {last}-step mean; "
+          f"val_*: mean of the last {eval_last} held-out evaluations; "
           "clip fractions, kl, entropy, tokens_per_s: means over all steps.", "",
+          "## Statistics (see docs/experiments.md)", "", *stats_text(st, eval_last, stats_kw.get("method", stats.METHOD)),
           "## Per configuration (mean ± std over seeds)", "", configs_markdown(configs), "",
           "## Per run", "", markdown_table(runs), ""]
     if not failures.empty:
         md += ["## Failed runs", "", markdown_table(failures[["run", "folder", "first_line", "last_line"]]), ""]
-    for name in ("reward", "clip_fractions"):
+    for name in ("reward", "eval", "clip_fractions"):
         if name in paths:
             md += [f"![{name}]({name}.png)", ""]
     Path(paths["markdown"]).write_text("\n".join(md))
-    return {"runs": runs, "configs": configs, "failures": failures, "paths": paths}
+    return {"runs": runs, "configs": configs, "failures": failures, "stats": st, "paths": paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,17 +352,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--last", type=int, default=10, help="steps averaged for final_reward (default 10)")
     parser.add_argument("--smooth", type=int, default=None,
                         help="rolling-mean window of the plotted curves (default: steps // 20, at least 1)")
+    parser.add_argument("--eval-last", type=int, default=3,
+                        help="held-out evaluations averaged into a run's val_* score (default 3)")
+    parser.add_argument("--metric", default="auto", help="the per-run score compared: a runs.csv column "
+                        f"(default auto: the first logged of {', '.join(SCORE_PREFERENCE)})")
+    parser.add_argument("--resamples", type=int, default=stats.N_RESAMPLES, help="bootstrap resamples (default 9999)")
+    parser.add_argument("--ci-method", default=stats.METHOD, choices=("percentile", "basic", "BCa"),
+                        help="scipy.stats.bootstrap method (default percentile)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     if not os.path.isdir(args.root):
         parser.error(f"no such folder: {args.root}")
-    res = write_report(args.root, args.out, last=args.last, smooth=args.smooth)
+    try:
+        res = write_report(args.root, args.out, last=args.last, smooth=args.smooth, eval_last=args.eval_last,
+                           metric=args.metric, n_resamples=args.resamples, method=args.ci_method, seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
     if res["runs"].empty:
         print(f"[rlopt-report] no TensorBoard runs and no FAILED.txt under {args.root}", file=sys.stderr)
         return 1
     print(configs_markdown(res["configs"]))
+    print()
+    print("\n".join(stats_text(res["stats"], args.eval_last, args.ci_method)))
     for f in res["failures"].itertuples():
         print(f"[rlopt-report] FAILED {f.run} ({f.folder}): {f.first_line} ... {f.last_line}")
     for name, path in res["paths"].items():

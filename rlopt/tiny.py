@@ -19,6 +19,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .ranks import rank_world
+
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ALPHABET = string.digits + string.ascii_lowercase + " +-*/=:?.,()<>#|"
 
@@ -40,12 +42,11 @@ def build_tiny(path: str, hidden_size: int = 64, num_layers: int = 2, num_heads:
     shared file system across nodes): it is written to a temporary folder and renamed into place,
     so none reads a half-written one. Inside an initialised process group only rank 0 writes
     (transformers' ``save_pretrained`` writes weights on rank 0 only) and the others wait for it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_rank() == 0:
+    rank, world = rank_world()
+    if world > 1:
+        if rank == 0:
             _build_tiny(path, hidden_size, num_layers, num_heads, intermediate_size, max_positions, seed)
-        dist.barrier()
+        torch.distributed.barrier()
         return path
     return _build_tiny(path, hidden_size, num_layers, num_heads, intermediate_size, max_positions, seed)
 

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .conf import check_config
+from .console import RewardProgressBar, algorithm_line, quiet_libraries
 from .data import PromptDataModule
 from .module import PolicyOptModule
-from .resources import config_dir
+from .resources import config_dir, sweeps_dir
 from .rewards import RewardSet
 from .warmup import supervised_warmup
 
@@ -51,7 +54,6 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         rollout=parts["rollout"], group_size=cfg.group_size, ppo_epochs=cfg.ppo_epochs,
         num_minibatches=cfg.num_minibatches, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
-        mask_truncated=cfg.mask_truncated,
         accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
         log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
         chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
@@ -61,12 +63,16 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.trainer.get("enable_progress_bar", True) is not False:
+        callbacks.append(RewardProgressBar())
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     return module, dm, trainer
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     module, dm, trainer = build(cfg)
+    if trainer.is_global_zero:
+        print(algorithm_line(module.advantage, module.objective, cfg.get("algorithm_name")))
     if cfg.get("validate_before") and not cfg.get("ckpt_path"):
         before = trainer.validate(module, datamodule=dm, verbose=False)
         module.validation_before = {k: float(v) for k, v in (before[0] if before else {}).items()}
@@ -97,7 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Returns the mean reward of the last 10 steps (the objective Hydra sweepers maximise).
 
     In a multirun, a failing run writes ``FAILED.txt`` (the traceback) into its run folder and
@@ -107,8 +113,19 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    _STARTED.append(True)
+    quiet_libraries()  # again: a sweep's launcher runs this in worker processes
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return run(cfg).get("reward_last10")
+        try:
+            return run(cfg).get("reward_last10")
+        except (ValueError, InstantiationException) as e:  # a bad config key or input: one readable line, exit 2
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+            if not isinstance(cause, ValueError):
+                raise
+            print(f"rlopt-train: error: {cause}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+            sys.exit(2)
     try:
         return run(cfg).get("reward_last10")
     except Exception:  # noqa: BLE001 - one failed run must not end the sweep
@@ -118,6 +135,43 @@ def main(cfg: DictConfig) -> float | None:
             f.write(traceback.format_exc())
         log.exception("run failed; the sweep goes on")
         return float("-inf")
+
+
+_STARTED: list[bool] = []  # set once the task function runs: later failures are not config errors
+
+
+def with_shipped_sweeps(argv: list[str]) -> list[str]:
+    """Command-line arguments with the shipped sweeps on Hydra's search path (so a sweep file of
+    the user's own can say ``defaults: [sweep_base]``), and, when ``--config-name`` names a sweep
+    that is neither among the configs nor in a ``--config-dir``, that sweeps folder as the config
+    dir: ``rlopt-train --config-name grpo_vs_gspo -m`` works from any folder."""
+    argv = list(argv)
+    if not any(a.startswith("hydra.searchpath") for a in argv):
+        argv.append(f"hydra.searchpath=[file://{sweeps_dir()}]")
+    name = None
+    for i, a in enumerate(argv):
+        if a in ("--config-name", "-cn") and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--config-name="):
+            name = a.split("=", 1)[1]
+    has_dir = any(a in ("--config-dir", "-cd") or a.startswith("--config-dir=") for a in argv)
+    if name and not has_dir and not os.path.exists(os.path.join(CONFIG_DIR, f"{name}.yaml")) \
+            and os.path.exists(os.path.join(sweeps_dir(), f"{name}.yaml")):
+        argv = ["--config-dir", sweeps_dir(), *argv]
+    return argv
+
+
+def main() -> None:
+    """``rlopt-train``: quiet libraries, the shipped sweeps on the search path, and exit status 2 with
+    one readable message for a config error (Hydra's own composition errors included)."""
+    quiet_libraries()
+    sys.argv = [sys.argv[0], *with_shipped_sweeps(sys.argv[1:])]
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        if e.code not in (0, None) and not _STARTED:  # Hydra stopped before the run: a composition error
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

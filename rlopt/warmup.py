@@ -41,5 +41,5 @@ def supervised_warmup(model: torch.nn.Module, tokenizer: Any, rows: list[dict[st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses

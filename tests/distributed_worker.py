@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from rlopt import distributed as rdist
-from rlopt.rollout import Rollout
+from rlopt.rollout import Completions
 
 HASH_REWARD = "+task.rewards.hash={_target_:tests.conftest.reward_hash,_partial_:true}"
 SMALL_TASK = ("task.train.size=64", "task.val.size=4")
@@ -57,8 +57,8 @@ def exact_overrides(trainer: str, batch_size: int, name: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def fixed_make_rollout(module: Any, batch: dict[str, list[Any]]) -> tuple[Rollout, list[str]]:
-    """``make_rollout`` replacement: completions that are a function of (prompt, sample index) only,
+def fixed_make_completions(module: Any, batch: dict[str, list[Any]]) -> tuple[Completions, list[str]]:
+    """``make_completions`` replacement: completions that are a function of (prompt, sample index) only,
     of varying lengths (some end with EOS, some not), so that any world size trains on the same batch.
     Each rank pads to its own widths, as real rollouts do."""
     prompts, g = batch["prompt"], module.group_size
@@ -82,7 +82,7 @@ def fixed_make_rollout(module: Any, batch: dict[str, list[Any]]) -> tuple[Rollou
         comp[i, :len(r)] = r
         cmask[i, :len(r)] = 1
     dev = module.device
-    ro = Rollout(ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), comp.to(dev), cmask.to(dev),
+    ro = Completions(ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), comp.to(dev), cmask.to(dev),
                  torch.tensor([not e for e in ended], device=dev))
     return ro, module.decode(ro)
 
@@ -143,7 +143,7 @@ def fit_fixed(cfg) -> dict[str, Any]:
     from rlopt.train import build
 
     module, dm, trainer = build(cfg)
-    module.make_rollout = fixed_make_rollout.__get__(module)
+    module.make_completions = fixed_make_completions.__get__(module)
     probe = FullStateProbe()
     trainer.callbacks.append(probe)
     trainer.fit(module, datamodule=dm)

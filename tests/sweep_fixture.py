@@ -1,6 +1,6 @@
 """A tiny REAL sweep shared by tests/test_report.py and tests/test_notebooks.py.
 
-``tiny_sweep`` runs the documented one-command sweep (``rlopt-train --config-dir sweeps
+``tiny_sweep`` runs the documented one-command sweep (``rlopt-train
 --config-name grpo_vs_gspo -m``, here as ``python -m rlopt.train``) as a subprocess with
 debug-like sizes: algorithm grpo / gspo x seed 0, 1, 6 rollout steps of 2 prompts x 2
 completions, 2 minibatches (off-policy), through the joblib launcher (2 worker processes). A

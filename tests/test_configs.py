@@ -89,6 +89,19 @@ def _entropy(cfg, option, tmp_path):
     assert check_config(cfg)["objective"].entropy_coef == cfg.entropy.coef
 
 
+def _correction(cfg, option, tmp_path):
+    obj = check_config(cfg)["objective"]
+    assert type(obj.correction).__name__ == cfg.correction._target_.rsplit(".", 1)[1]
+    assert obj.needs_sampler_logp == (option != "none")
+
+
+def _masks(cfg, option, tmp_path):
+    obj = check_config(cfg)["objective"]
+    assert set(obj.masks) == set(cfg.masks or {})
+    for name, m in obj.masks.items():
+        assert type(m).__name__ == cfg.masks[name]._target_.rsplit(".", 1)[1]
+
+
 def _algorithm(cfg, option, tmp_path):
     check_config(cfg)
     assert cfg.algorithm_name == option
@@ -223,7 +236,7 @@ def _debug(cfg, option, tmp_path):
 
 HANDLERS = {
     "advantage": _advantage, "ratio": _ratio, "clip": _clip, "aggregation": _aggregation, "rollout": _rollout,
-    "kl": _kl, "entropy": _entropy, "algorithm": _algorithm, "model": _model, "task": _task, "optimizer": _optimizer,
+    "kl": _kl, "entropy": _entropy, "correction": _correction, "masks": _masks, "algorithm": _algorithm, "model": _model, "task": _task, "optimizer": _optimizer,
     "scheduler": _scheduler, "trainer": _trainer, "logger": _logger, "callbacks": _callbacks,
     "experiment": _experiment, "debug": _debug,
 }
@@ -283,6 +296,10 @@ def test_preset_and_yaml_build_identical_components(name, tmp_path):
         assert p == y, (part, p, y)
     assert (objective.kl_name, objective.kl_coef, objective.entropy_coef) == \
         (yaml_obj.kl_name, yaml_obj.kl_coef, yaml_obj.entropy_coef)
+    assert type(objective.correction) is type(yaml_obj.correction)
+    assert _params(objective.correction) == _params(yaml_obj.correction)
+    assert {k: (type(m), _params(m)) for k, m in objective.masks.items()} == \
+        {k: (type(m), _params(m)) for k, m in yaml_obj.masks.items()}
 
 
 # --- hybrids: a command-line override beats the algorithm's defaults list ----------------------

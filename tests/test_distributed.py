@@ -19,13 +19,11 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlopt.module import PolicyOptModule
 
 from .distributed_worker import EXACT, SCENARIOS, compose, exact_overrides, fit_fixed
 
@@ -146,30 +144,6 @@ def test_two_ranks_update_like_one_process(runs, reference, trainer, name):
     bad = {k: (got[k], want[k]) for k in keys if abs(got[k] - want[k]) > REL_TOL * max(1.0, abs(want[k]))}
     assert not bad, bad
 
-
-def test_minibatches_do_not_depend_on_the_number_of_ranks():
-    """The rows of each minibatch over all ranks are those one process with the whole batch takes,
-    in the same order, and every rank makes the same number of forward/backward passes."""
-    for w, b, g, m, micro, seed in [(2, 2, 4, 2, 3, 0), (4, 3, 2, 3, 2, 1), (3, 2, 2, 4, 1, 2), (2, 1, 4, 4, 8, 3)]:
-        n = b * g
-
-        def plan(world, rank, rows):
-            mod = types.SimpleNamespace(num_minibatches=m, group_size=g, global_rank=rank, _world=lambda: world)
-            return PolicyOptModule._minibatches(mod, rows, micro, torch.Generator().manual_seed(seed))
-
-        single = plan(1, 0, n * w)  # global rows in the single process's layout: prompt-major
-        per_rank = [plan(w, r, n) for r in range(w)]
-        for k, (rows, _) in enumerate(single):
-            glob = []
-            for r in range(w):
-                j = per_rank[r][k][0]
-                glob += (((j // g) * w + r) * g + j % g).tolist()  # local -> global row
-            assert sorted(glob) == sorted(rows.tolist()), (w, k)
-            passes = {per_rank[r][k][1] for r in range(w)}
-            assert passes == {max(-(-len(per_rank[r][k][0]) // micro) for r in range(w))}, passes
-
-
-# --- FSDP2 checkpoint and resume -------------------------------------------------------------------
 
 def test_fsdp2_resume_continues_with_the_saved_weights(runs):
     res = runs.get("resume_fsdp2")

@@ -276,7 +276,7 @@ def test_all_padding_columns_are_skipped_without_changing_logprobs(chunked):
     extra all-pad columns on either side change neither the values nor the gradients."""
     import dataclasses
 
-    from rlopt.module import _by_length, _trim_padding
+    from rlopt.logprobs import by_length as _by_length, trim_padding as _trim_padding
 
     model = _models()["llama_tied"].double()
     mod = _module(model, chunked)

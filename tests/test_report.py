@@ -152,7 +152,8 @@ def test_rlopt_report_cli(tiny_sweep, tmp_path, capsys):
     out = tiny_sweep / "report"
     printed = capsys.readouterr().out
     assert printed.count("FAILED") == 2 and "ValueError" in printed
-    for f in ("report.md", "runs.csv", "configs.csv", "reward.png", "clip_fractions.png"):
+    for f in ("report.md", "runs.csv", "configs.csv", "stats.csv", "pairs.csv", "components.csv", "reward.png",
+              "eval.png", "clip_fractions.png"):
         assert (out / f).is_file(), f
     for png in ("reward.png", "clip_fractions.png"):
         data = (out / png).read_bytes()
@@ -166,6 +167,16 @@ def test_rlopt_report_cli(tiny_sweep, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "## Per configuration" in md and "## Per run" in md and "## Failed runs" in md
     assert " ± " in md and "![clip_fractions](clip_fractions.png)" in md
+    # statistics (rlopt/stats.py, tests/test_stats.py): the held-out score, intervals, the pair, the components
+    assert "## Statistics" in md and "![eval](eval.png)" in md
+    assert "mean of the last 3 held-out evaluations (`val/reward_greedy`)" in printed
+    assert "WARNING: algorithm=grpo vs algorithm=gspo changes 3 axes (ratio, clip, kl)" in printed
+    assert runs.loc[runs["status"] == "ok", "val_reward_greedy"].notna().all() and (runs.loc[runs["status"] == "ok", "evals"] >= 1).all()
+    stats_csv, pairs = pd.read_csv(out / "stats.csv"), pd.read_csv(out / "pairs.csv")
+    assert len(stats_csv) == 2 and (stats_csv["n_runs"] == 2).all() and len(pairs) == 1
+    assert pairs.loc[0, "changes"] == "ratio, clip, kl" and {"resolved", "p_improve", "seeds_needed"} <= set(pairs)
+    comp = pd.read_csv(out / "components.csv", index_col="config")
+    assert comp.filter(like="algorithm=gspo", axis=0)["ratio"].iloc[0].startswith("SequenceRatio")
     assert report.main([str(tmp_path)]) == 1  # nothing to report
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "missing")])

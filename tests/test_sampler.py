@@ -1,4 +1,4 @@
-"""KVCacheSampler (rlopt/sampler.py): the same tokens as transformers' generate on the same seed."""
+"""KVCacheSampler (rlopt/rollout/lean.py): the same tokens as transformers' generate on the same seed."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlopt.rollout import HFGenerate
-from rlopt.sampler import KVCacheSampler, warp_logits
+from rlopt.rollout.lean import KVCacheSampler, warp_logits
 
 PROMPTS = ["abc>", "fedcba>", "a>", "bbbb>"]  # different lengths: left padding
 
@@ -196,7 +196,7 @@ def test_lean_rollout_config_trains(tmp_path):
     from tests.conftest import compose_train, fit
 
     cfg = compose_train(tmp_path, ["rollout=lean"])
-    assert cfg.rollout._target_ == "rlopt.sampler.KVCacheSampler"
+    assert cfg.rollout._target_ == "rlopt.rollout.lean.KVCacheSampler"
     module, _, trainer = fit(cfg)
     assert isinstance(module.rollout, KVCacheSampler) and trainer.global_step == 2
 
@@ -206,7 +206,7 @@ def test_chunked_lm_head_config_trains(tmp_path):
 
     cfg = compose_train(tmp_path, ["chunked_lm_head=true", "rollout=lean"])
     module, _, trainer = fit(cfg)
-    assert module.chunked_lm_head and trainer.global_step == 2
+    assert module.logprobs.chunked_lm_head and trainer.global_step == 2
     assert all(math.isfinite(v) for v in module.history[-1].values())
 
 
@@ -219,9 +219,9 @@ def test_performance_keys_reach_the_module_and_bad_values_are_named(tmp_path):
     cfg = compose_train(tmp_path, ["chunked_lm_head=true", "lm_head_saved_mib=64", "share_prompt=false",
                                    "rollout.share_prefill=false"])
     module, _, trainer = fit(cfg)
-    assert module.lm_head_saved_mib == 64.0 and not module.share_prompt and not module.rollout.share_prefill
+    assert module.logprobs.saved_mib == 64.0 and not module.share_prompt and not module.rollout.share_prefill
     assert trainer.global_step == 2
     default = build(compose_train(tmp_path / "d"))[0]
-    assert default.share_prompt and default.lm_head_saved_mib == 0.0 and default.rollout.share_prefill
+    assert default.share_prompt and default.logprobs.saved_mib == 0.0 and default.rollout.share_prefill
     with pytest.raises(ValueError, match="lm_head_saved_mib"):
         build(compose_train(tmp_path / "bad", ["lm_head_saved_mib=-1"]))

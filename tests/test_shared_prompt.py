@@ -1,4 +1,4 @@
-"""The shared-prompt forward (rlopt/shared_prompt.py) against the plain forward, in float64:
+"""The shared-prompt forward (rlopt/logprobs/shared_prompt.py) against the plain forward, in float64:
 the same log-probs and the same parameter gradients, with left-padded prompts of different
 lengths, completions ending at different steps, one-token completions, and the chunked LM head."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlopt.rollout import Rollout, completion_mask_from
-from rlopt.shared_prompt import prompt_plan, shared_prompt_forward, supports_shared_prompt
+from rlopt.rollout import Completions, completion_mask_from
+from rlopt.logprobs.shared_prompt import prompt_plan, shared_prompt_forward, supports_shared_prompt
 
 
 def _model(tie: bool = True, vocab: int = 13, attn: str = "sdpa"):
@@ -24,7 +24,7 @@ def _model(tie: bool = True, vocab: int = 13, attn: str = "sdpa"):
     return model
 
 
-def _rollout(g: int = 3, t: int = 5, seed: int = 1, padded: bool = True) -> Rollout:
+def _rollout(g: int = 3, t: int = 5, seed: int = 1, padded: bool = True) -> Completions:
     """Three prompts (lengths 4, 2, 3, left-padded to 4; or all of length 4), ``g`` completions
     each; EOS (1) at random."""
     gen = torch.Generator().manual_seed(seed)
@@ -36,10 +36,10 @@ def _rollout(g: int = 3, t: int = 5, seed: int = 1, padded: bool = True) -> Roll
     comp = torch.randint(1, 13, (pid.shape[0], t), generator=gen)  # [N, T], 1 = EOS
     cm, trunc = completion_mask_from(comp, 1)
     comp = torch.where(cm.bool(), comp, torch.zeros_like(comp))
-    return Rollout(pid, pm, comp, cm, trunc)
+    return Completions(pid, pm, comp, cm, trunc)
 
 
-def _plain_logp(model, ro: Rollout) -> torch.Tensor:
+def _plain_logp(model, ro: Completions) -> torch.Tensor:
     ids, attn = ro.input_ids, ro.attention_mask
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     t = ro.completion_ids.shape[1]
@@ -47,7 +47,7 @@ def _plain_logp(model, ro: Rollout) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
 
 
-def _shared_logp(model, ro: Rollout) -> torch.Tensor:
+def _shared_logp(model, ro: Completions) -> torch.Tensor:
     plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
     logits = shared_prompt_forward(model, ro, plan)
     return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
@@ -145,7 +145,7 @@ def test_module_uses_it_and_matches_share_prompt_false():
 
 
 def test_gradient_checkpointing_dropout_and_no_cache_argument_turn_it_off():
-    from rlopt.shared_prompt import takes_4d_bool_mask
+    from rlopt.logprobs.shared_prompt import takes_4d_bool_mask
 
     model = _model()
     assert supports_shared_prompt(model) and takes_4d_bool_mask(model)
@@ -166,7 +166,7 @@ def test_gradient_checkpointing_dropout_and_no_cache_argument_turn_it_off():
 
     assert not supports_shared_prompt(OldStyle())
     with pytest.raises(ValueError, match="rollout=hf_generate"):
-        from rlopt.sampler import KVCacheSampler
+        from rlopt.rollout.lean import KVCacheSampler
 
         KVCacheSampler().generate(OldStyle(), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
                                   2, eos_token_id=1, pad_token_id=0)

@@ -1,5 +1,6 @@
 """Pure-tensor policy-optimisation math (no Lightning): advantages, ratios, clipping,
-aggregation, KL, the composed objective, chunked log-probs and named presets.
+aggregation, KL, behaviour corrections (sampler mu vs pi_old), token masks, the composed objective,
+chunked log-probs and named presets.
 
     from rlopt.algorithms import GroupBaseline, PolicyObjective, PPOClip
     adv = GroupBaseline()(rewards, mask, group_size=4)                       # [N, T]
@@ -7,18 +8,41 @@ aggregation, KL, the composed objective, chunked log-probs and named presets.
     loss, metrics = obj(logp, old_logp, adv, mask)
 """
 
-from .advantages import AdvantageEstimator, DiscountedReturn, GroupBaseline, GroupContrast
-from .aggregation import Aggregation, SeqMeanTokenMean, SeqMeanTokenSum, SeqMeanTokenSumNorm, TokenMean
-from .clipping import ClipStrategy, NoClip, PPOClip, WeightClip
-from .kl import kl_k1, kl_k2, kl_k3
+from .advantages import (
+    GDPO, GPG, OPO, AdvantageEstimator, DiscountedReturn, GroupBaseline, GroupContrast, MaxRL, PassK,
+    ReinforcePP, ReinforcePPBaseline, RewardNorm,
+)
+from .aggregation import (
+    Aggregation, LUSPOAggregation, PromptMean, SeqMeanTokenMean, SeqMeanTokenSum, SeqMeanTokenSumNorm, TokenMean,
+    TokenSum,
+)
+from .behaviour import (
+    BehaviourCorrection, Bypass, DecoupledPPO, MaskedIS, NoCorrection, RejectionSampling, TruncatedIS,
+)
+from .clipping import (
+    ClipStrategy, DPPOKLClip, DPPOTVClip, GMPOClip, Kimi15Loss, NoClip, PolicyGradient, PPOClip, SAPOClip,
+    TOPRClip, VESPOClip, WeightAbsClip, WeightClip,
+)
+from .kl import kl_k1, kl_k2, kl_k3, kl_k3_plus
 from .logprobs import token_logprobs
-from .objective import PolicyObjective, clip_metrics, masked_mean
+from .masks import (
+    ClipCovMask, HighEntropyMask, KLCovPenalty, M2POMask, MaskInputs, MaskResult, OPSMMask, TokenMask,
+    TruncatedMask, build_masks,
+)
+from .objective import PolicyObjective, RolloutWeights, clip_metrics, masked_mean
 from .presets import build_component, build_objective, build_preset, preset_names, preset_spec
 from .ratios import ProductRatio, RatioScheme, SequenceRatio, SequenceTokenRatio, TokenRatio
-from .registry import ADVANTAGES, AGGREGATIONS, CLIPPING, KL_ESTIMATORS, RATIOS, Registry
+from .regularisers import AdaptiveEntropyCoef, mix_reference_
+from .registry import ADVANTAGES, AGGREGATIONS, CLIPPING, CORRECTIONS, KL_ESTIMATORS, MASKS, RATIOS, Registry
 
 __all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "CLIPPING", "KL_ESTIMATORS", "RATIOS",
+    "AdaptiveEntropyCoef", "DPPOKLClip", "DPPOTVClip", "GDPO", "GMPOClip", "GPG", "Kimi15Loss", "LUSPOAggregation",
+    "MaxRL", "OPO", "PassK", "PolicyGradient", "PromptMean", "ReinforcePP", "ReinforcePPBaseline", "RewardNorm",
+    "SAPOClip", "TOPRClip", "TokenSum", "VESPOClip", "WeightAbsClip", "mix_reference_",
+    "ADVANTAGES", "AGGREGATIONS", "CLIPPING", "CORRECTIONS", "KL_ESTIMATORS", "MASKS", "RATIOS",
+    "BehaviourCorrection", "Bypass", "ClipCovMask", "DecoupledPPO", "HighEntropyMask", "KLCovPenalty",
+    "M2POMask", "MaskInputs", "MaskResult", "MaskedIS", "NoCorrection", "OPSMMask", "RejectionSampling",
+    "RolloutWeights", "TokenMask", "TruncatedIS", "TruncatedMask", "build_masks", "kl_k3_plus",
     "AdvantageEstimator", "Aggregation", "ClipStrategy", "DiscountedReturn", "GroupBaseline",
     "GroupContrast", "NoClip", "PPOClip", "PolicyObjective", "ProductRatio", "RatioScheme",
     "Registry", "SeqMeanTokenMean", "SeqMeanTokenSum", "SeqMeanTokenSumNorm", "SequenceRatio",

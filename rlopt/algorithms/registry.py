@@ -54,6 +54,8 @@ RATIOS = Registry("ratio scheme")
 CLIPPING = Registry("clipping strategy")
 AGGREGATIONS = Registry("loss aggregation")
 KL_ESTIMATORS = Registry("KL estimator")
+CORRECTIONS = Registry("behaviour correction")
+MASKS = Registry("token mask")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,

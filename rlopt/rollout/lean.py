@@ -1,4 +1,4 @@
-"""A lean rollout engine: a plain sampling loop over the model's KV cache.
+"""Rollout engine ``lean``: a plain sampling loop over the model's KV cache (the default).
 
     engine = KVCacheSampler(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64)
     ro = engine.generate(model, prompt_ids, prompt_mask, num_samples=8,
@@ -22,7 +22,7 @@ view of the filled prefix: the stock ``DynamicCache`` concatenates (copies) the 
 step, which measured ~24% of a 14M-parameter model's sampling time on this CPU. Rows that have
 finished are dropped from the forward passes (``prune_finished``), without changing the random
 stream. ``cache="dynamic"`` / ``"static"`` select the stock caches (measured in
-docs/README_performance.md).
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rollout import Rollout, RolloutEngine, completion_mask_from
-from .shared_prompt import takes_4d_bool_mask, takes_cache
+from ..logprobs.shared_prompt import takes_4d_bool_mask, takes_cache
+from .base import Completions, RolloutEngine, completion_mask_from
 
 
 def _eos_tensor(eos_token_id, device: torch.device) -> Tensor:
@@ -134,8 +134,8 @@ class KVCacheSampler(RolloutEngine):
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
                  cache: str = "buffer", prune_finished: bool = True, prune_below: float = 0.75,
-                 share_prefill: bool = True) -> None:
-        super().__init__(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
+                 share_prefill: bool = True, dtype: str | None = None) -> None:
+        super().__init__(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, dtype=dtype)
         if cache not in ("buffer", "dynamic", "static"):
             raise ValueError(f"rollout.cache={cache!r} is not valid; valid choices: buffer, dynamic, static")
         self.cache = cache
@@ -157,7 +157,7 @@ class KVCacheSampler(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
-                 eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
+                 eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Completions:
         if not takes_cache(model):
             raise ValueError(f"rollout=lean (KVCacheSampler) needs a transformers model whose forward takes `cache=`; "
                              f"{type(model).__name__}.forward does not: use rollout=hf_generate (model.generate)")
@@ -174,6 +174,7 @@ class KVCacheSampler(RolloutEngine):
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, P]
         next_pos = pos[:, -1:] + 1  # [N, 1]
         out_ids = torch.full((n, t_max), int(pad_token_id), dtype=ids.dtype, device=dev)  # [N, T]
+        out_logp = None if greedy else torch.zeros(n, t_max, device=dev)  # [N, T] mu of each drawn token
         unfinished = torch.ones(n, dtype=torch.bool, device=dev)  # [N]
         pad = torch.tensor(int(pad_token_id), dtype=ids.dtype, device=dev)
         cache, buffered = self._new_cache(model, p + t_max)
@@ -215,6 +216,7 @@ class KVCacheSampler(RolloutEngine):
                     else:
                         probs.index_copy_(0, rows, p_rows)
                     tok = torch.multinomial(probs, num_samples=1).squeeze(1)  # [N]: one draw for every row
+                    out_logp[:, step] = probs.gather(1, tok[:, None]).squeeze(1).log()  # [N] the sampling step's own
                 tok = torch.where(unfinished, tok, pad)
                 out_ids[:, step] = tok
                 steps = step + 1
@@ -250,4 +252,5 @@ class KVCacheSampler(RolloutEngine):
         comp = out_ids[:, :steps]  # [N, T'] (T' < T when every row stopped early, like generate)
         cmask, truncated = completion_mask_from(comp, eos_token_id)
         comp = torch.where(cmask.bool(), comp, torch.full_like(comp, pad_token_id))
-        return Rollout(ids, mask, comp, cmask, truncated)
+        logp = None if out_logp is None else torch.where(cmask.bool(), out_logp[:, :steps], 0.0)  # [N, T']
+        return Completions(ids, mask, comp, cmask, truncated, logp)

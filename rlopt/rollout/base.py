@@ -1,0 +1,89 @@
+"""The rollout-engine interface and the record it returns.
+
+    engine = KVCacheSampler(temperature=1.0, max_new_tokens=16)      # rlopt/rollout/lean.py
+    out = engine.generate(model, prompt_ids, prompt_mask, num_samples=4,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out.completion_ids      # [B*4, T], rows g*4 .. g*4+3 belong to prompt g
+
+An engine turns prompts into ``Completions``; the module only talks to this interface, so
+another engine (``hf_generate``, ``lean``, later a remote inference server) drops in through
+``configs/rollout/<name>.yaml``, whose names match the modules of this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..algorithms.registry import check_range
+
+
+SAMPLER_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Completions:
+    """What a rollout engine returns: G sampled completions per prompt, groups contiguous."""
+
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P]
+    completion_ids: Tensor  # [N, T] right-padded with pad_token_id
+    completion_mask: Tensor  # [N, T] 1 on sampled tokens up to and including the first EOS
+    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    # [N, T] log-prob of each sampled token under the distribution it was drawn from (temperature,
+    # top-k / top-p renormalised), from the sampling step's own logits; 0 on padding; None for greedy
+    sampler_logp: Tensor | None = None
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [N, P+T]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)  # [N, P+T]
+
+    def select(self, idx: Tensor) -> "Completions":
+        return Completions(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
+                           self.completion_mask[idx], self.truncated[idx],
+                           None if self.sampler_logp is None else self.sampler_logp[idx])
+
+
+def completion_mask_from(ids: Tensor, eos_token_id: int | list[int] | None) -> tuple[Tensor, Tensor]:
+    """Mask of tokens up to and including the first EOS, and whether no EOS was produced."""
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)  # [N, T]
+    for e in eos:
+        is_eos |= ids == e
+    before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # [N, T] EOS count strictly before t
+    return (before == 0).long(), ~is_eos.any(dim=1)
+
+
+class RolloutEngine:
+    """Interface: ``generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id, greedy)``
+    returns ``Completions`` with ``sampler_logp`` filled for sampled (not greedy) completions.
+
+    ``dtype`` (``rollout.dtype``): None samples with the policy itself; ``"bfloat16"`` /
+    ``"float16"`` / ``"float32"`` make the module sample with a copy of the policy's weights in
+    that dtype, refreshed before every rollout step, while training stays in the policy's own
+    dtype: the one-machine analogue of an inference engine whose numerics differ from the
+    trainer's (docs/behaviour-correction.md).
+
+    With sharded weights (FSDP / FSDP2, more than one rank) the module also passes
+    ``synced_gpus=True``: every forward is then a collective, so all ranks must keep stepping
+    until every rank is done (a rank that stops early would leave the others waiting forever)."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
+                 dtype: str | None = None) -> None:
+        if dtype not in SAMPLER_DTYPES:
+            raise ValueError(f"rollout.dtype={dtype!r} is not valid; valid choices: null, {', '.join(SAMPLER_DTYPES[1:])}")
+        self.dtype = dtype
+        self.temperature = check_range("rollout.temperature", temperature, low=0.0, low_inclusive=False)
+        self.top_p = check_range("rollout.top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
+        self.top_k = int(check_range("rollout.top_k", top_k, low=0))
+        self.max_new_tokens = int(check_range("rollout.max_new_tokens", max_new_tokens, low=1))
+
+    def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
+                 eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Completions:
+        raise NotImplementedError
