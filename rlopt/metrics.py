@@ -127,9 +127,11 @@ def step_scalars(module: Any, traj: Trajectory, acc: MetricAccumulator) -> dict[
 
 def rollout_scalars(traj: Trajectory) -> dict[str, Tensor]:
     """The collect phase's metrics over all ranks: ``mismatch/*`` are already exact; the behaviour
-    correction's and the masks' (computed on each rank's rows) are combined as token-weighted means,
-    ``*_min`` / ``*_max`` as extremes (exact on one process; across ranks the ESS and per-sequence
-    fractions are approximated by the token weighting)."""
+    correction's and the masks' (computed on each rank's rows) are combined as means weighted by the
+    rank's completion tokens, ``*_min`` / ``*_max`` as extremes. Exact on one process and for the
+    correction's token-level means; across ranks the effective sample size, the per-sequence
+    fractions and the masks' fractions (whose denominators are not the completion tokens) are
+    approximations. The update itself is exact (tests/test_distributed.py)."""
     out, means = {}, {}
     tokens = traj.completions.completion_mask.sum().float()
     for k, v in traj.rollout_metrics.items():

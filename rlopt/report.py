@@ -54,7 +54,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from . import stats
@@ -261,7 +260,8 @@ def summarize(df: pd.DataFrame, failures: pd.DataFrame | None = None, last: int 
         for f in failures.itertuples():
             if f.run not in seen:
                 seen.add(f.run)
-                rows.append({"run": f.run, "config": f.config, "seed": f.seed, "status": "failed", "steps": 0, "evals": 0})
+                rows.append({"run": f.run, "config": f.config, "seed": f.seed, "status": "failed", "steps": 0,
+                             "evals": 0})
     out = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     out[list(METRICS)] = out[list(METRICS)].astype(float)
     return out.sort_values(["config", "seed", "run"]).reset_index(drop=True)
@@ -305,7 +305,8 @@ def score_metric(runs: pd.DataFrame, metric: str = "auto") -> str:
 
 # ------------------------------------------------------------------------------------ report
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None, last: int = 10,
-                 smooth: int | None = None, eval_last: int = 3, metric: str = "auto", **stats_kw: Any) -> dict[str, Any]:
+                 smooth: int | None = None, eval_last: int = 3, metric: str = "auto", **stats_kw: Any
+                 ) -> dict[str, Any]:
     """Load, summarise, aggregate, compare and plot the runs under ``root``; write the files
     listed in the module docstring into ``out_dir`` (default ``<root>/report``). ``stats_kw``
     (confidence, n_resamples, method, seed) go to ``rlopt.stats``. Returns the tables, the
@@ -332,7 +333,8 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
           f"final_reward: mean reward of the last {last} steps; best_reward: the best {last}-step mean; "
           f"val_*: mean of the last {eval_last} held-out evaluations; "
           "clip fractions, kl, entropy, tokens_per_s: means over all steps.", "",
-          "## Statistics (see docs/experiments.md)", "", *stats_text(st, eval_last, stats_kw.get("method", stats.METHOD)),
+          "## Statistics (see docs/experiments.md)", "",
+          *stats_text(st, eval_last, stats_kw.get("method", stats.METHOD)),
           "## Per configuration (mean ± std over seeds)", "", configs_markdown(configs), "",
           "## Per run", "", markdown_table(runs), ""]
     if not failures.empty:

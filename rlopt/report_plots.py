@@ -139,7 +139,8 @@ def plot(df: pd.DataFrame, out_dir: str | os.PathLike, smooth: int | None = None
     into ``out_dir``; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    figs = (("reward", plot_reward(df, smooth)), ("eval", plot_eval(df)), ("clip_fractions", plot_clip_fractions(df, smooth)))
+    figs = (("reward", plot_reward(df, smooth)), ("eval", plot_eval(df)),
+            ("clip_fractions", plot_clip_fractions(df, smooth)))
     for name, fig in figs:
         if fig is not None:
             paths[name] = os.path.join(out_dir, f"{name}.png")

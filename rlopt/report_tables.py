@@ -81,7 +81,8 @@ def warning(a: str, b: str, axes: Sequence[str]) -> str:
 def _ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
     if not math.isfinite(v):
         return ""
-    return f"{v:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "")
+    band = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    return f"{v:.{digits}f}{band}"
 
 
 def intervals_markdown(intervals: pd.DataFrame) -> str:
@@ -110,7 +111,8 @@ def components_markdown(settings: dict[str, dict[str, str]], varying: Sequence[s
     """Per configuration its algorithm axes and every other setting that differs between
     configurations; the axes that differ are marked ``*`` and their values bold."""
     cols = [*stats.AXES, *(k for k in varying if k not in stats.AXES)]
-    rows = [[c] + [f"**{s.get(k, '-')}**" if k in varying else s.get(k, "-") for k in cols] for c, s in settings.items()]
+    rows = [[c] + [f"**{s.get(k, '-')}**" if k in varying else s.get(k, "-") for k in cols]
+            for c, s in settings.items()]
     return markdown_table(pd.DataFrame(rows, columns=["config", *(f"{k} *" if k in varying else k for k in cols)]))
 
 
@@ -125,14 +127,15 @@ def stats_text(st: dict[str, Any], eval_last: int, method: str = stats.METHOD) -
     label = short_labels(names)
     common = [o for o in split_overrides(names[0]) if o not in split_overrides(label[names[0]])] if names else []
     lines = [f"Score per run: {what}. Intervals: 95% {method} bootstrap over {strata} (scipy.stats.bootstrap)."]
-    lines += [f"Overrides shared by every configuration (left out of the names below): `{','.join(common)}`."] * bool(common)
+    if common:
+        lines.append(f"Overrides shared by every configuration (left out of the names below): `{','.join(common)}`.")
     fewest = int(st["intervals"]["n_runs"].min()) if names else 0
     lines += [f"Note: {fewest} runs in the smallest configuration. Below about 10 seeds the bootstrap intervals are "
               "too narrow (measured: 2 identical configurations come out resolved about 19% of the time with 3 seeds, "
               "14% with 5, 8% with 10, instead of 5%): treat a resolved verdict as provisional."] * (0 < fewest < 10)
     lines += ["", intervals_markdown(st["intervals"].assign(config=[label[c] for c in names])), ""]
     if st["pairs"].empty:
-        return lines + ["(one configuration: nothing to compare)", ""]
+        return lines + [("(one configuration: nothing to compare)" if names else "(no finished run with a score)"), ""]
     pairs = st["pairs"].assign(a=st["pairs"]["a"].map(label), b=st["pairs"]["b"].map(label))
     lines += ["Pairwise: resolved = the 95% interval of a - b excludes 0; P(a > b) = probability of improvement "
               "(ties count half); seeds/arm needed = 2 ((z_0.975 + z_0.8) sd / diff)^2 (normal approximation: "

@@ -237,7 +237,8 @@ def pairwise(scores: pd.DataFrame, score: str = "score", **kw: Any) -> pd.DataFr
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
 
 
-def mean_interval(values: Any, axis: int = 0, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mean_interval(values: Any, axis: int = 0, confidence: float = CONFIDENCE
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean, lo, hi)`` along ``axis`` (NaN ignored): the t interval of the mean,
     ``mean +- t_{(1+confidence)/2, n-1} sd / sqrt(n)``; lo/hi NaN where n < 2."""
     v = np.asarray(values, dtype=float)

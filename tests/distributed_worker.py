@@ -44,6 +44,14 @@ EXACT = {
     "seq_mean_token_sum_norm": ["aggregation=seq_mean_token_sum_norm", "num_minibatches=2", "micro_batch_size=3",
                                 "advantage=batch_std"],
     "on_policy": ["num_minibatches=1"],  # grpo as configured: group std, whole-batch update
+    # token masks: the entropy quantile over both ranks' tokens, truncated completions out of the normaliser
+    "masked": ["aggregation=token_mean", "num_minibatches=2", "micro_batch_size=3", "advantage=batch_std",
+               "masks=[truncated,entropy_80_20]"],
+    # a behaviour correction on the fixed completions' sampler log-probs (TIS, capped at 1.5)
+    "corrected": ["aggregation=seq_mean_token_mean", "num_minibatches=2", "micro_batch_size=3",
+                  "advantage=batch_std", "correction=tis", "correction.cap=1.5"],
+    # M2PO: the second-moment threshold over both ranks' tokens, with its decoupled weight
+    "m2po": ["algorithm=m2po", "masks.m2po.tau=0.5", "num_minibatches=2", "advantage=batch_std", "kl=none"],
 }
 
 
@@ -64,7 +72,7 @@ def fixed_make_completions(module: Any, batch: dict[str, list[Any]]) -> tuple[Co
     prompts, g = batch["prompt"], module.group_size
     ids, mask = module.encode_prompts(prompts)
     tok = module.tokenizer
-    rows, ended = [], []
+    rows, ended, mus = [], [], []
     for p in prompts:
         for s in range(g):
             gen = torch.Generator().manual_seed(zlib.crc32(f"{p}|{s}".encode()))
@@ -75,15 +83,19 @@ def fixed_make_completions(module: Any, batch: dict[str, list[Any]]) -> tuple[Co
                 toks[-1] = tok.eos_token_id
             rows.append(toks)
             ended.append(end)
+            # a sampler's log-probs for the behaviour corrections: also a function of (prompt, sample) only
+            mus.append(-2.0 - 3.5 * torch.rand(n, generator=torch.Generator().manual_seed(zlib.crc32(f"{p}|{s}|mu".encode()))))
     width = max(len(r) for r in rows)
     comp = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     cmask = torch.zeros((len(rows), width), dtype=torch.long)
+    mu = torch.zeros((len(rows), width))
     for i, r in enumerate(rows):
         comp[i, :len(r)] = r
         cmask[i, :len(r)] = 1
+        mu[i, :len(r)] = mus[i]
     dev = module.device
     ro = Completions(ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0), comp.to(dev), cmask.to(dev),
-                 torch.tensor([not e for e in ended], device=dev))
+                     torch.tensor([not e for e in ended], device=dev), mu.to(dev))
     return ro, module.decode(ro)
 
 

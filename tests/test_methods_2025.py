@@ -289,6 +289,16 @@ def test_gmpo_differs_from_sequence_ratio_with_ppo_clip():
     assert not torch.allclose(l1, l2) and not torch.allclose(g1, g2)
 
 
+def test_registered_names():
+    from rlopt.algorithms import ADVANTAGES, AGGREGATIONS, CLIPPING
+
+    assert {"sapo", "dppo_tv", "dppo_kl", "topr", "vespo", "weight_abs", "kimi15", "gmpo", "pg"} <= set(CLIPPING.names())
+    assert {"token_sum", "prompt_mean", "luspo"} <= set(AGGREGATIONS.names())
+    assert {"reinforce_pp", "reinforce_pp_baseline", "gpg", "opo", "passk", "maxrl", "gdpo",
+            "reward_norm"} <= set(ADVANTAGES.names())
+    assert GroupBaseline().needs == () and GDPO.needs == ("reward_components",)
+
+
 def test_needs_logp_strategies_refuse_a_call_without_them():
     r = torch.ones(2, 3)
     for clip in (DPPOTVClip(), DPPOKLClip(), VESPOClip(), GMPOClip()):
@@ -873,7 +883,7 @@ def test_peer_names_table_covers_every_peer_value():
     seen: dict[tuple[str, str], set[str]] = {}
     for peer, key, value, override, notes in rows:
         assert override == "missing" or re.fullmatch(r"`[^`]+`", override), (peer, key, value, override)
-        assert notes, (peer, key, value)
+        assert notes or override != "missing", (peer, key, value)  # a missing value says why
         for (p, k) in REQUIRED:
             if peer == p and k in key:
                 seen.setdefault((p, k), set()).add(_strip(value))
@@ -882,15 +892,31 @@ def test_peer_names_table_covers_every_peer_value():
 
 
 def test_peer_names_overrides_compose_and_build(tmp_path):
-    from rlopt.conf import check_config
+    """Each distinct override span of the table, composed like ``conftest.compose_train`` (the
+    debug base, output in tmp) and checked by ``check_config``. One Hydra context for all spans:
+    ``compose_train`` re-initialises Hydra per call, which made this test ~2x slower."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
-    from .conftest import compose_train
+    from rlopt.conf import check_config
+    from rlopt.train import CONFIG_DIR
+
+    from .conftest import QUIET, _key
 
     overrides = sorted({_strip(r[3]) for r in peer_rows() if r[3] != "missing"})
     assert len(overrides) > 30
-    for i, ov in enumerate(overrides):
-        try:
-            cfg = compose_train(tmp_path / f"run{i}", ov.split())
-            check_config(cfg)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the row
-            raise AssertionError(f"docs/peer-names.md override `{ov}` does not build: {e}") from e
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        for i, ov in enumerate(overrides):
+            mine = ov.split()
+            keys = {_key(o) for o in mine}
+            out = tmp_path / f"run{i}"
+            args = [o for o in (*QUIET, f"output_dir={out}", "run_name=test") if _key(o) not in keys] + mine
+            try:
+                cfg = compose("train", overrides=args, return_hydra_config=True)
+                with open_dict(cfg):
+                    cfg.hydra.runtime.output_dir = str(out)
+                HydraConfig().set_config(cfg)
+                check_config(cfg)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the row
+                raise AssertionError(f"docs/peer-names.md override `{ov}` does not build: {e}") from e

@@ -171,7 +171,8 @@ def test_rlopt_report_cli(tiny_sweep, tmp_path, capsys):
     assert "## Statistics" in md and "![eval](eval.png)" in md
     assert "mean of the last 3 held-out evaluations (`val/reward_greedy`)" in printed
     assert "WARNING: algorithm=grpo vs algorithm=gspo changes 3 axes (ratio, clip, kl)" in printed
-    assert runs.loc[runs["status"] == "ok", "val_reward_greedy"].notna().all() and (runs.loc[runs["status"] == "ok", "evals"] >= 1).all()
+    finished = runs[runs["status"] == "ok"]
+    assert finished["val_reward_greedy"].notna().all() and (finished["evals"] >= 1).all()
     stats_csv, pairs = pd.read_csv(out / "stats.csv"), pd.read_csv(out / "pairs.csv")
     assert len(stats_csv) == 2 and (stats_csv["n_runs"] == 2).all() and len(pairs) == 1
     assert pairs.loc[0, "changes"] == "ratio, clip, kl" and {"resolved", "p_improve", "seeds_needed"} <= set(pairs)

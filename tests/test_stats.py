@@ -78,7 +78,8 @@ def test_iqm_and_probability_of_improvement_by_hand():
     assert stats.iqm([1, 2, 3, 4, 100, -50, 5, 6]) == pytest.approx(3.5)  # middle four of eight
     assert stats.probability_of_improvement([1, 2, 3], [2, 2, 0]) == pytest.approx(6 / 9)  # ties count half
     assert stats.probability_of_improvement([1, 1], [1, 1]) == 0.5
-    assert stats.probability_of_improvement([3, 4], [1, 2]) == 1.0 and stats.probability_of_improvement([1, 2], [3, 4]) == 0.0
+    assert stats.probability_of_improvement([3, 4], [1, 2]) == 1.0
+    assert stats.probability_of_improvement([1, 2], [3, 4]) == 0.0
 
 
 def test_seeds_needed_formula():
@@ -225,7 +226,8 @@ def test_components_and_differing_axes():
     assert stats.differing_axes(grpo, lr) == ["optimizer.lr"]
     assert stats.varying_axes({"g": grpo, "s": gspo, "l": lr}) == ["ratio", "clip", "kl", "optimizer.lr"]
     legacy = {"loss": {"kl": "k3", "kl_coef": 0.04, "entropy_coef": 0.01}}  # before the kl / entropy groups
-    assert stats.components(legacy)["kl"] == "estimator=k3, coef=0.04" and stats.components(legacy)["entropy"] == "coef=0.01"
+    assert stats.components(legacy)["kl"] == "estimator=k3, coef=0.04"
+    assert stats.components(legacy)["entropy"] == "coef=0.01"
 
 
 def test_run_configs_resolve_interpolated_axes(tmp_path):
@@ -236,8 +238,9 @@ def test_run_configs_resolve_interpolated_axes(tmp_path):
     for job, eps in enumerate((0.1, 0.2)):
         d = tmp_path / str(job) / ".hydra"
         d.mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create({"clip_eps": eps, "output_dir": "${hydra:runtime.output_dir}",
-                                         "clip": {"_target_": "x.PPOClip", "eps_low": "${clip_eps}"}}), d / "config.yaml")
+        cfg = {"clip_eps": eps, "output_dir": "${hydra:runtime.output_dir}",
+               "clip": {"_target_": "x.PPOClip", "eps_low": "${clip_eps}"}}
+        OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
         OmegaConf.save({"hydra": {"job": {"override_dirname": f"clip_eps={eps},seed=0"}}}, d / "hydra.yaml")
     rc = report.load_run_configs(tmp_path)
     assert set(rc) == {"clip_eps=0.1,seed=0", "clip_eps=0.2,seed=0"}
@@ -273,11 +276,13 @@ def test_report_on_synthetic_runs(synthetic, capsys):
     # printed: the score, the intervals, the pairs with the verdict, the warnings, the components
     assert "mean of the last 3 held-out evaluations (`val/reward_greedy`)" in printed
     assert printed.count("WARNING") == 2 and f"WARNING: {A} vs {C} changes 3 axes (ratio, clip, kl)" in printed
-    assert f"| {A} | {B} | {ab.diff:.3f} [{ab.diff_lo:.3f}, {ab.diff_hi:.3f}] | yes | 1.00 [1.00, 1.00] | 2 | clip |" in printed
+    ci = f"{ab.diff:.3f} [{ab.diff_lo:.3f}, {ab.diff_hi:.3f}]"
+    assert f"| {A} | {B} | {ci} | yes | 1.00 [1.00, 1.00] | 2 | clip |" in printed
     assert f"| {bc.a} | {bc.b} | {bc.diff:.3f} [{bc.diff_lo:.3f}, {bc.diff_hi:.3f}] | no |" in printed
     assert "ratio *" in printed and "| advantage |" in printed
     comp = pd.read_csv(out / "components.csv").set_index("config")
-    assert comp.loc[C, "ratio"].startswith("SequenceRatio") and comp.loc[A, "clip"] == "PPOClip(eps_low=0.2, eps_high=0.28)"
+    assert comp.loc[C, "ratio"].startswith("SequenceRatio")
+    assert comp.loc[A, "clip"] == "PPOClip(eps_low=0.2, eps_high=0.28)"
     # another score and bootstrap settings from the command line
     assert report.main([str(synthetic), "--metric", "val_accuracy_greedy", "--eval-last", "1", "--ci-method", "BCa",
                         "--out", str(out / "acc")]) == 0
