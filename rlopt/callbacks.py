@@ -38,6 +38,20 @@ def clip_fraction_layout() -> dict[str, dict[str, list[Any]]]:
             f"{level} {k}": ["Multiline", [_tag(f"clip/{prefix}_{k}")]]
             for level, prefix in (("token", "token"), ("sequence", "seq")) for k in CLIP_FLAGS if k not in CLIP_MAIN_FLAGS
         },
+        "sampler mismatch, behaviour correction, token masks": {
+            "mismatch KL (k1, k3)": ["Multiline", [_tag("mismatch/kl_k1"), _tag("mismatch/kl_k3")]],
+            "mismatch |log pi_old - log mu| (mean, max)": ["Multiline", [_tag("mismatch/logp_abs_diff_mean"),
+                                                                         _tag("mismatch/logp_abs_diff_max")]],
+            "mismatch chi2 (token, sequence)": ["Multiline", [_tag("mismatch/chi2_token"), _tag("mismatch/chi2_seq")]],
+            "mismatch perplexity ratio": ["Multiline", [_tag("mismatch/ppl_ratio")]],
+            "correction weight mean [min, max]": ["Margin", [_tag("correction/weight_mean"), _tag("correction/weight_min"),
+                                                            _tag("correction/weight_max")]],
+            "correction ESS (token, sequence)": ["Multiline", [_tag("correction/ess_token"), _tag("correction/ess_seq")]],
+            "correction truncated / masked (token)": ["Multiline", [_tag("correction/token_frac_high"),
+                                                                    _tag("correction/token_frac_low"),
+                                                                    _tag("correction/token_masked")]],
+            "token masks: fraction masked": ["Multiline", [r"^mask/.*_frac$"]],
+        },
         "reward and ratio": {
             "reward": ["Multiline", [_tag("reward/mean")]],
             "ratio mean [min, max]": ["Margin", [_tag("ratio/mean"), _tag("ratio/min"), _tag("ratio/max")]],

@@ -60,3 +60,27 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.task.rewards:
         raise ValueError("config key 'task.rewards' is empty: at least one reward function is required")
     return parts
+
+
+def check_parts(advantage: Any, objective: Any, group_size: int, micro_batch_size: int | None,
+                ppo_epochs: int = 1, num_minibatches: int = 1) -> None:
+    """Check that the composed parts fit the module's layout (``PolicyOptModule`` calls it): the
+    advantage's group size, Dr. GRPO's explicit constant length, per-prompt aggregations' groups."""
+    from .algorithms import SeqMeanTokenSumNorm
+
+    for name, value in (("ppo_epochs", ppo_epochs), ("num_minibatches", num_minibatches)):
+        if int(value) < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    advantage.check_group_size(group_size)
+    agg = objective.aggregation
+    if isinstance(agg, SeqMeanTokenSumNorm) and agg.max_len is None:
+        raise ValueError("aggregation seq_mean_token_sum_norm (Dr. GRPO) needs its constant max_len: build it "
+                         "with max_len=<the rollout's max_new_tokens> (the config sets "
+                         "aggregation.max_len: ${rollout.max_new_tokens})")
+    if getattr(agg, "requires_whole_groups", False):
+        if getattr(agg, "group_size", group_size) != group_size:
+            raise ValueError(f"aggregation {agg.registered_name} has group_size={agg.group_size}; the module's group_size "
+                             f"is {group_size}: set them equal (the config does: group_size: ${{group_size}})")
+        if micro_batch_size is not None and int(micro_batch_size) % group_size:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be a multiple of group_size={group_size}: "
+                             f"aggregation {agg.registered_name} normalises per prompt and needs whole groups")

@@ -169,3 +169,21 @@ class PromptDataModule(L.LightningDataModule):
             return []
         return DataLoader(RowsDataset(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
                           collate_fn=collate_rows)
+
+
+def check_prompts_fit(dm: Any, tokenizer: Any, limit: int | None, max_new_tokens: int) -> None:
+    """Raise ``ValueError`` naming the prompt unless every prompt of the data module's train and
+    val rows fits the model's context ``limit`` with the generation budget (checked before any work)."""
+    if dm is None or limit is None:
+        return
+    for split in ("train_rows", "val_rows"):
+        rows = getattr(dm, split, None) or []
+        if not rows:
+            continue
+        lens = [len(x) for x in tokenizer([r["prompt"] for r in rows])["input_ids"]]
+        i = max(range(len(lens)), key=lens.__getitem__)
+        if lens[i] + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} of the {split.split('_')[0]} set is {lens[i]} tokens; with rollout.max_new_tokens="
+                f"{max_new_tokens} it exceeds the model's context of {limit} tokens "
+                f"(prompt: {rows[i]['prompt'][:80]!r}...). Shorten the prompts or lower rollout.max_new_tokens")

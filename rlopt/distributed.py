@@ -267,3 +267,26 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_policy(policy: torch.nn.Module, tokenizer: Any, path: str) -> str:
+    """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them); a LoRA
+    policy is exported merged (a plain transformers model).
+
+    Sharded (FSDP / FSDP2): every rank must call it; the full weights are gathered to rank 0's CPU
+    and rank 0 writes them. Unsharded: only global rank 0 writes (other ranks return at once)."""
+    import copy
+
+    from .models import is_peft
+
+    state = full_state_dict(policy)  # collective when sharded, else None
+    if is_global_zero():
+        kwargs = {} if state is None else {"state_dict": state}
+        model = unwrap(policy)
+        if is_peft(model):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path, **kwargs)
+        tokenizer.save_pretrained(path)
+    if state is not None and dist.is_initialized():
+        dist.barrier()  # the folder is complete when any rank returns
+    return path

@@ -138,3 +138,14 @@ def decoder_layer_classes(model: torch.nn.Module | None = None) -> set[type]:
     if model is not None:
         classes |= {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
     return classes
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding for generation; pad = EOS when the tokenizer has no pad token."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token "
+                             "(e.g. model.pad_token='<pad>' after adding it) before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

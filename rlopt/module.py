@@ -27,20 +27,23 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from . import distributed as _dist
 from . import ranks
-from .algorithms import AdvantageEstimator, PolicyObjective, SeqMeanTokenSumNorm
+from .algorithms import AdvantageEstimator, PolicyObjective
 from .algorithms.mismatch import finish_mismatch, mismatch_stats
+from .algorithms.registry import check_range
+from .algorithms.regularisers import mix_reference_
+from .conf import check_parts
 from .console import ignore_reference_eval_mode_warning
+from .data import check_prompts_fit
 from .logprobs import CompletionLogProbs, PromptPlan, by_length
 from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars
-from .models import is_peft
+from .models import is_peft, prepare_tokenizer
 from .rewards import RewardSet
-from .rollout import Completions, HFGenerate, RolloutEngine
+from .rollout import BehaviourCopy, Completions, HFGenerate, RolloutEngine
 from .trajectory import Trajectory
 
 
@@ -72,6 +75,11 @@ class PolicyOptModule(L.LightningModule):
         lm_head_chunk_rows: rows per chunk of the chunked head (None: sized from the vocabulary).
         lm_head_saved_mib: MiB of logits the chunked head keeps for its backward.
         share_prompt: one forward per distinct prompt, its KV cache shared by its G completions.
+        entropy_controller: an ``AdaptiveEntropyCoef`` (Skywork-OR1) that sets ``objective.entropy_coef``
+            after every rollout step from the step's mean token entropy; None keeps it constant.
+        ref_sync_every: every k rollout steps mix the policy into the reference model,
+            ``ref = alpha * policy + (1 - alpha) * ref`` (TRL's ``sync_ref_model``); 0 = never.
+        ref_sync_alpha: that alpha.
     """
 
     def __init__(
@@ -98,11 +106,14 @@ class PolicyOptModule(L.LightningModule):
         lm_head_chunk_rows: int | None = None,
         lm_head_saved_mib: float = 0.0,
         share_prompt: bool = True,
+        entropy_controller: Any = None,
+        ref_sync_every: int = 0,
+        ref_sync_alpha: float = 0.6,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
-        self.tokenizer = _prepare_tokenizer(tokenizer)
+        self.tokenizer = prepare_tokenizer(tokenizer)
         self.advantage = advantage
         self.objective = objective
         self.rewards = rewards
@@ -125,28 +136,26 @@ class PolicyOptModule(L.LightningModule):
         self.logprobs = CompletionLogProbs(self.rollout.temperature, share_prompt=share_prompt,
                                            chunked_lm_head=chunked_lm_head, chunk_rows=lm_head_chunk_rows,
                                            saved_mib=lm_head_saved_mib)
-        advantage.check_group_size(self.group_size)
-        agg = objective.aggregation
-        if isinstance(agg, SeqMeanTokenSumNorm) and agg.max_len is None:
-            raise ValueError("aggregation seq_mean_token_sum_norm (Dr. GRPO) needs its constant max_len: build it "
-                             "with max_len=<the rollout's max_new_tokens> (the config sets "
-                             "aggregation.max_len: ${rollout.max_new_tokens})")
-        if self.ppo_epochs < 1:
-            raise ValueError(f"ppo_epochs={ppo_epochs} must be >= 1")
-        if self.num_minibatches < 1:
-            raise ValueError(f"num_minibatches={num_minibatches} must be >= 1")
+        check_parts(advantage, objective, self.group_size, micro_batch_size, self.ppo_epochs, self.num_minibatches)
         # A reference policy exists only when the KL term is active (a frozen copy of the start).
         self.ref_policy = None
         self.history: list[dict[str, float]] = []  # every step's logged scalars (kept in checkpoints)
-        self._behaviour_copy: list[torch.nn.Module] = []  # rollout.dtype's sampler weights (a list: not a submodule)
+        self._behaviour_copy = BehaviourCopy(self.rollout.dtype)  # rollout.dtype's sampler weights (not a submodule)
         # With LoRA the reference is the base model with the adapter disabled: no second copy.
-        self.ref_via_adapter = objective.needs_reference and is_peft(policy)
-        if objective.needs_reference and not self.ref_via_adapter:
+        needs_ref = objective.needs_reference or "kl" in advantage.needs  # KL loss, or KL folded into the reward
+        self.ref_via_adapter = needs_ref and is_peft(policy)
+        if needs_ref and not self.ref_via_adapter:
             self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.entropy_controller = entropy_controller
+        self.whole_groups = bool(getattr(objective.aggregation, "requires_whole_groups", False))
+        self.ref_sync_every = int(ref_sync_every)
+        self.ref_sync_alpha = float(check_range("kl.ref_sync_alpha", ref_sync_alpha, low=0.0, high=1.0))
+        if self.ref_sync_every and self.ref_policy is None:
+            raise ValueError("kl.ref_sync_every > 0 needs a separate reference model (a KL term, and no LoRA adapter)")
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in (
             "reward_greedy", "reward_sampled", "accuracy_greedy", "accuracy_sampled")})
         self.save_hyperparameters(ignore=["policy", "tokenizer", "advantage", "objective", "rewards",
-                                          "optimizer", "scheduler", "rollout", "accuracy_fn"])
+                                          "optimizer", "scheduler", "rollout", "accuracy_fn", "entropy_controller"])
 
     # ----------------------------------------------------------------------------- set-up
     @property
@@ -182,28 +191,12 @@ class PolicyOptModule(L.LightningModule):
         # sharded weights: every decoding step is a collective, so ranks step together until all are done
         synced = {"synced_gpus": True} if _dist.synced_generation(self.policy) else {}
         with _dist.generation_model(self.policy) as model:
-            model = self._behaviour_model(model) if behaviour else model
+            if behaviour and self.rollout.dtype is not None:
+                if _dist.is_sharded(self.policy):
+                    raise ValueError("rollout.dtype needs unsharded weights (FSDP shards them): set rollout.dtype=null")
+                model = self._behaviour_copy.refresh(model)
             return self.rollout.generate(model, ids, mask, num_samples, eos_token_id=self.tokenizer.eos_token_id,
                                          pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, **synced)
-
-    def _behaviour_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The policy, or (``rollout.dtype`` set) a copy of its weights in that dtype, refreshed from the
-        policy before every rollout step: mu differs from pi_old by the sampler's numerics only. Kept
-        out of the module's registry (not checkpointed: it is rebuilt from the policy)."""
-        dtype = getattr(self.rollout, "dtype", None)
-        if dtype is None:
-            return model
-        if _dist.is_sharded(self.policy):
-            raise ValueError("rollout.dtype needs unsharded weights (FSDP shards them): set rollout.dtype=null")
-        copy_ = self._behaviour_copy[0] if self._behaviour_copy else None
-        if copy_ is None:
-            copy_ = copy.deepcopy(model).to(getattr(torch, dtype)).eval().requires_grad_(False)
-            self._behaviour_copy[:] = [copy_]
-        else:
-            with torch.no_grad():
-                for dst, src in zip(copy_.parameters(), model.parameters()):
-                    dst.copy_(src)
-        return copy_
 
     def make_completions(self, batch: dict[str, list[Any]]) -> tuple[Completions, list[str]]:
         """``group_size`` samples per prompt (groups contiguous) and their texts. A seam: override it
@@ -241,7 +234,7 @@ class PolicyOptModule(L.LightningModule):
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         # Sampling noise is a function of (seed, step, rank) only, so a resumed run repeats exactly.
         t0 = time.perf_counter()
-        torch.manual_seed(_mix(self.seed, self.global_step, self.global_rank))
+        torch.manual_seed(ranks.mix_seed(self.seed, self.global_step, self.global_rank))
         traj = self.collect(batch)
         acc = self.update(traj)
         # close the rollout step: one Lightning optimizer step with no gradients (counts the step)
@@ -252,7 +245,20 @@ class PolicyOptModule(L.LightningModule):
         if sch is not None:
             sch.step()
         traj.timings["update"] = time.perf_counter() - t0 - traj.timings["rollout"]
-        log_step(self, traj, step_scalars(self, traj, acc), acc)
+        scalars = step_scalars(self, traj, acc)
+        self._regularise(scalars)
+        log_step(self, traj, scalars, acc)
+
+    def _regularise(self, scalars: dict[str, float]) -> None:
+        """After a rollout step: the adaptive entropy coefficient reads the step's mean entropy (all
+        ranks); the reference model takes ``alpha`` of the policy every ``ref_sync_every`` steps."""
+        if self.entropy_controller is not None:
+            if "entropy/mean" not in scalars:
+                raise ValueError("the adaptive entropy coefficient needs the token entropy: set log_entropy: true")
+            self.objective.entropy_coef = float(self.entropy_controller.step(scalars["entropy/mean"]))
+            scalars["entropy/coef"] = self.objective.entropy_coef
+        if self.ref_sync_every and self.global_step % self.ref_sync_every == 0:
+            mix_reference_(self.ref_policy.parameters(), self.policy.parameters(), self.ref_sync_alpha)
 
     def collect(self, batch: dict[str, list[Any]]) -> Trajectory:
         """Phase 1: generate -> rewards -> advantages -> old and reference log-probs -> behaviour
@@ -264,19 +270,24 @@ class PolicyOptModule(L.LightningModule):
         t_gen = time.perf_counter() - t0
         rewards, per_fn, valid = self.score(prompts, ro, texts, columns, self.group_size)  # [N]
         mask = ro.completion_mask.float()  # [N, T]
-        adv = self.advantage(rewards, mask, group_size=self.group_size, valid=valid,
-                             reduce_sum=ranks.reduce_sum)  # [N, T]
-        obj, mu = self.objective, ro.sampler_logp  # mu: [N, T] | None
+        obj, mu, needs = self.objective, ro.sampler_logp, self.advantage.needs  # mu: [N, T] | None
         if obj.needs_sampler_logp and mu is None:
             raise ValueError(f"the {obj.correction.registered_name!r} correction / masks need the sampler's log-probs, "
                              f"but rollout engine {type(self.rollout).__name__} returned none")
         old_ent = None
         with torch.no_grad():  # no old-log-prob pass when exactly on-policy (the update's own values) unless needed
-            if not self.on_policy or obj.needs_old_logp_pass:
+            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs:
                 old_logp, old_ent = self.completion_logprobs(self.policy, ro, with_entropy=obj.needs_rollout_entropy)
             else:
                 old_logp = None  # [N, T] | None
             ref_logp = self.reference_logprobs(ro)  # [N, T] | None
+        extra: dict[str, Any] = {}
+        if "kl" in needs:  # KL folded into the reward (REINFORCE++): k1 of the sampling policy to the reference
+            extra["kl"] = (old_logp - ref_logp) * mask  # [N, T]
+        if "reward_components" in needs:  # multi-reward normalisation (GDPO)
+            extra["reward_components"], extra["reward_weights"] = per_fn, dict(self.rewards.weights)
+        adv = self.advantage(rewards, mask, group_size=self.group_size, valid=valid,
+                             reduce_sum=ranks.reduce_sum, **extra)  # [N, T]
         traj = Trajectory(prompts=prompts, columns=columns, completions=ro, texts=texts, rewards=rewards,
                           reward_components=per_fn, valid=valid, loss_mask=mask, advantages=adv,
                           old_logp=old_logp, ref_logp=ref_logp, sampler_logp=mu, timings={"rollout": t_gen})
@@ -298,20 +309,20 @@ class PolicyOptModule(L.LightningModule):
         mu, bw = traj.sampler_logp, traj.behaviour_weight  # [N, T] | None each
         bypass = self.objective.correction.replaces_old_logp  # pi_old := mu
         seen = torch.zeros_like(mask) if (mu is not None and old_logp is None and not bypass) else None  # on-policy pi_old
-        mask_gen = torch.Generator().manual_seed(_mix(self.seed, self.global_step, 2, self.global_rank))  # Clip-Cov
+        mask_gen = torch.Generator().manual_seed(ranks.mix_seed(self.seed, self.global_step, 2, self.global_rank))  # Clip-Cov
         n, g = traj.num_rows, self.group_size
         normalizer = ranks.reduce_sum(self.objective.aggregation.count(mask)) / self.num_minibatches
         scale = float(ranks.world_size())  # DDP averages gradients over ranks; undo it to sum
-        gen = torch.Generator().manual_seed(_mix(self.seed, self.global_step, 0))
+        gen = torch.Generator().manual_seed(ranks.mix_seed(self.seed, self.global_step, 0))
         acc = MetricAccumulator()
         with_entropy = self.log_entropy or self.objective.entropy_coef != 0
         keep_ratios = self.log_samples_every > 0 and self.global_step % self.log_samples_every == 0
         micro = int(self.micro_batch_size or n)
         rank, world = ranks.rank_world()
         for _epoch in range(self.ppo_epochs):
-            for mb, passes in ranks.minibatch_plan(n, micro, gen, self.num_minibatches, g, rank, world):
+            for mb, passes in ranks.minibatch_plan(n, micro, gen, self.num_minibatches, g, rank, world, self.whole_groups):
                 opt.zero_grad(set_to_none=True)
-                order = by_length(mb.to(self.device), ro, micro, g if self.share_prompt else 1)
+                order = by_length(mb.to(self.device), ro, micro, g if self.share_prompt or self.whole_groups else 1)
                 chunks = list(order.split(micro)) if len(mb) else []
                 for _ in range(passes - len(chunks)):  # fewer rows here than on another rank
                     self._idle_pass(ro)
@@ -372,7 +383,7 @@ class PolicyOptModule(L.LightningModule):
     def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         # Validation must not consume the training random stream (exact resume).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(_mix(self.seed, self.global_step, 1_000 + batch_idx))
+            torch.manual_seed(ranks.mix_seed(self.seed, self.global_step, 1_000 + batch_idx))
             self._validate(batch)
 
     def _validate(self, batch: dict[str, list[Any]]) -> None:
@@ -393,70 +404,36 @@ class PolicyOptModule(L.LightningModule):
     # ----------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history)}
+        for name in ("advantage", "entropy_controller"):  # state across steps (running normalisation, coefficient)
+            part = getattr(self, name)
+            if hasattr(part, "state_dict"):
+                checkpoint["rlopt"][name] = part.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("rlopt", {})
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.history = list(state.get("history", []))
+        for name in ("advantage", "entropy_controller"):
+            part = getattr(self, name)
+            if name in state and hasattr(part, "load_state_dict"):
+                part.load_state_dict(state[name])
+        if self.entropy_controller is not None:
+            self.objective.entropy_coef = float(self.entropy_controller.value)
 
     def on_fit_start(self) -> None:
         """Put the policy in training mode (from_pretrained returns eval mode; the reference copy stays
         in eval) and check every prompt fits the context with the generation budget, before any work."""
         self.policy.train()
         ignore_reference_eval_mode_warning(self)
-        dm = getattr(self.trainer, "datamodule", None)
         limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
-        if dm is None or limit is None:
-            return
-        for split in ("train_rows", "val_rows"):
-            rows = getattr(dm, split, None) or []
-            if not rows:
-                continue
-            lens = [len(x) for x in self.tokenizer([r["prompt"] for r in rows])["input_ids"]]
-            i = max(range(len(lens)), key=lens.__getitem__)
-            if lens[i] + self.rollout.max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {i} of the {split.split('_')[0]} set is {lens[i]} tokens; with rollout.max_new_tokens="
-                    f"{self.rollout.max_new_tokens} it exceeds the model's context of {limit} tokens "
-                    f"(prompt: {rows[i]['prompt'][:80]!r}...). Shorten the prompts or lower rollout.max_new_tokens")
+        check_prompts_fit(getattr(self.trainer, "datamodule", None), self.tokenizer, limit, self.rollout.max_new_tokens)
 
     # ----------------------------------------------------------------------------- export
     def export(self, path: str) -> str:
-        """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them).
-
-        Sharded (FSDP / FSDP2): every rank must call it; the full weights are gathered to rank 0's CPU
-        and rank 0 writes them. Unsharded: only global rank 0 writes (other ranks return at once)."""
-        state = _dist.full_state_dict(self.policy)  # collective when sharded, else None
-        if ranks.is_global_zero():
-            kwargs = {} if state is None else {"state_dict": state}
-            model = _dist.unwrap(self.policy)
-            if is_peft(model):  # export the merged weights: a plain transformers model
-                model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(path, **kwargs)
-            self.tokenizer.save_pretrained(path)
-        if state is not None and dist.is_initialized():
-            dist.barrier()  # the folder is complete when any rank returns
-        return path
+        """Save the policy (LoRA merged) and tokenizer with ``save_pretrained``; under FSDP every rank
+        must call it (distributed.export_policy)."""
+        return _dist.export_policy(self.policy, self.tokenizer, path)
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with a non-finite loss or gradient."""
-
-
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), stable across runs and platforms."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _prepare_tokenizer(tokenizer: Any) -> Any:
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token "
-                             "(e.g. model.pad_token='<pad>' after adding it) before training")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer

@@ -76,7 +76,7 @@ def gather_cat(t: Tensor) -> Tensor:
 
 
 def minibatch_plan(n: int, micro: int, gen: torch.Generator, num_minibatches: int, group_size: int,
-                   rank: int = 0, world: int = 1) -> list[tuple[Tensor, int]]:
+                   rank: int = 0, world: int = 1, whole_groups: bool = False) -> list[tuple[Tensor, int]]:
     """This rank's rows of each minibatch and the number of forward/backward passes every rank
     makes for it (the most any rank needs with ``micro`` rows a pass).
 
@@ -85,12 +85,18 @@ def minibatch_plan(n: int, micro: int, gen: torch.Generator, num_minibatches: in
     process holding all ``n * world`` rows would; local row ``j`` is global row
     ``((j // G) * world + rank) * G + j % G`` (the dealing rule above). A rank may hold more rows of
     a minibatch than another; the others then make zero-weight passes so that DDP's and FSDP's
-    collectives line up. With one minibatch the rows stay in order and ``gen`` is not used."""
+    collectives line up. With one minibatch the rows stay in order and ``gen`` is not used.
+    ``whole_groups``: the permutation moves whole groups (G contiguous rows of one prompt), so each
+    minibatch holds whole groups (aggregations normalised per prompt need them)."""
     m, w, g = num_minibatches, world, group_size
     if m == 1:
         return [(torch.arange(n), -(-n // micro))]
     total = n * w
-    perm = torch.randperm(total, generator=gen)  # [W*n] global rows in update order
+    if whole_groups:
+        groups = torch.randperm(total // g, generator=gen)  # [W*n/G] global groups in update order
+        perm = (groups[:, None] * g + torch.arange(g)).reshape(-1)  # [W*n] their rows, in order
+    else:
+        perm = torch.randperm(total, generator=gen)  # [W*n] global rows in update order
     place = torch.empty_like(perm)
     place[perm] = torch.arange(total)  # [W*n] position of each global row in perm
     j = torch.arange(n)
@@ -104,3 +110,13 @@ def minibatch_plan(n: int, micro: int, gen: torch.Generator, num_minibatches: in
         counts = torch.bincount(owner[k * size:(k + 1) * size], minlength=w)  # [W] rows per rank
         out.append((rows, int((-(-counts // micro)).max())))
     return out
+
+
+def mix_seed(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across runs and platforms: the sampling
+    noise of a rollout step is ``mix_seed(seed, step, rank)``, so a resumed run repeats exactly."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = ((h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF

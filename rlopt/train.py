@@ -22,6 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .algorithms.regularisers import AdaptiveEntropyCoef
 from .conf import check_config
 from .console import RewardProgressBar, algorithm_line, quiet_libraries
 from .data import PromptDataModule
@@ -60,6 +61,8 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         lm_head_saved_mib=float(cfg.get("lm_head_saved_mib", 0)),
         share_prompt=bool(cfg.get("share_prompt", True)),
         log_entropy=bool(cfg.get("log_entropy", True)),
+        entropy_controller=AdaptiveEntropyCoef.from_config(cfg.entropy) if cfg.entropy.get("adaptive") else None,
+        ref_sync_every=int(cfg.kl.get("ref_sync_every") or 0), ref_sync_alpha=float(cfg.kl.get("ref_sync_alpha", 0.6)),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -46,3 +46,24 @@ def test_reduce_helpers_are_the_identity_on_one_process():
     t = torch.tensor([1.0, 2.0])
     assert torch.equal(ranks.reduce_sum(t), t) and torch.equal(ranks.reduce_max(t), t)
     assert torch.equal(ranks.gather_cat(t), t) and ranks.rank_world() == (0, 1) and ranks.is_global_zero()
+
+
+def test_whole_group_minibatches_hold_complete_groups_on_every_rank():
+    g, b, m = 3, 4, 2  # 4 prompts x 3 samples per rank
+    for world in (1, 2):
+        for rank in range(world):
+            plan = minibatch_plan(b * g, 6, torch.Generator().manual_seed(1), m, g, rank, world, whole_groups=True)
+            seen = []
+            for rows, _ in plan:
+                groups = rows // g
+                for q in groups.unique():  # every group present is present whole
+                    assert int((groups == q).sum()) == g
+                seen += rows.tolist()
+            assert sorted(seen) == list(range(b * g))
+    # one process and two ranks cut the same global groups into the same minibatches
+    single = minibatch_plan(2 * b * g, 100, torch.Generator().manual_seed(1), m, g, whole_groups=True)
+    per_rank = [minibatch_plan(b * g, 100, torch.Generator().manual_seed(1), m, g, r, 2, whole_groups=True)
+                for r in range(2)]
+    for k, (rows, _) in enumerate(single):
+        glob = sorted(int(((j // g) * 2 + r) * g + j % g) for r in range(2) for j in per_rank[r][k][0])
+        assert glob == sorted(rows.tolist())

@@ -218,7 +218,8 @@ def _compose(*overrides):
 
 def test_components_and_differing_axes():
     grpo, gspo = stats.settings(_compose("algorithm=grpo")), stats.settings(_compose("algorithm=gspo"))
-    assert grpo["ratio"] == "TokenRatio(max_log_ratio=20)" and grpo["kl"] == "estimator=k3, coef=0.04"
+    assert grpo["ratio"] == "TokenRatio(max_log_ratio=20)"
+    assert grpo["kl"] == "estimator=k3, coef=0.04, ref_sync_every=0, ref_sync_alpha=0.6"
     assert grpo["clip"] == "PPOClip(eps_low=0.2, eps_high=0.2)"  # null options left out
     assert gspo["kl"] == "estimator=null, coef=0" and grpo["entropy"] == "coef=0"
     assert stats.differing_axes(grpo, gspo) == ["ratio", "clip", "kl"]  # algorithm_name is a label, not an axis

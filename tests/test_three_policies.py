@@ -104,12 +104,22 @@ def _fit(tmp_path, *overrides):
 def test_bfloat16_sampler_makes_a_measured_mismatch_and_tis_trains(tmp_path):
     module = _fit(tmp_path, "algorithm=grpo_tis", "rollout.dtype=bfloat16")
     h = module.history[-1]
-    assert module._behaviour_copy and next(module._behaviour_copy[0].parameters()).dtype == torch.bfloat16
+    assert module._behaviour_copy.model is not None and next(module._behaviour_copy.model.parameters()).dtype == torch.bfloat16
     assert next(module.policy.parameters()).dtype == torch.float32  # the trainer stays float32
     assert h["mismatch/logp_abs_diff_max"] > 1e-4  # bfloat16 rounding shows
     for key in ("mismatch/kl_k1", "mismatch/kl_k3", "mismatch/chi2_token", "mismatch/chi2_seq", "mismatch/ppl_ratio",
                 "correction/weight_mean", "correction/ess_token", "correction/token_frac_high"):
         assert key in h and math.isfinite(h[key]), key
+    # every TensorBoard chart of the layout's mismatch / correction category shows a logged tag
+    import re
+
+    from rlopt.callbacks import clip_fraction_layout
+
+    charts = clip_fraction_layout()["sampler mismatch, behaviour correction, token masks"]
+    for title, (_, tags) in charts.items():
+        if not title.startswith("token masks"):
+            for tag in tags:
+                assert any(re.fullmatch(tag.strip("^$"), k) for k in h), (title, tag)
 
 
 def test_float32_sampler_on_policy_logs_zero_mismatch(tmp_path):

@@ -3,8 +3,8 @@
     from rlopt.rollout import KVCacheSampler, HFGenerate, Completions
 """
 
-from .base import Completions, RolloutEngine, completion_mask_from
+from .base import BehaviourCopy, Completions, RolloutEngine, completion_mask_from
 from .hf_generate import HFGenerate
 from .lean import KVCacheSampler, warp_logits
 
-__all__ = ["Completions", "HFGenerate", "KVCacheSampler", "RolloutEngine", "completion_mask_from", "warp_logits"]
+__all__ = ["BehaviourCopy", "Completions", "HFGenerate", "KVCacheSampler", "RolloutEngine", "completion_mask_from", "warp_logits"]

@@ -87,3 +87,25 @@ class RolloutEngine:
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
                  eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Completions:
         raise NotImplementedError
+
+
+class BehaviourCopy:
+    """The sampler's own weights for ``rollout.dtype``: a copy of the policy in that dtype, refreshed
+    from the policy before every rollout step, so mu differs from pi_old by the sampler's numerics
+    only (the one-machine analogue of an inference engine in another precision). Not a submodule
+    of anything: it is rebuilt from the policy, never checkpointed."""
+
+    def __init__(self, dtype: str | None) -> None:
+        self.dtype = dtype
+        self.model: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def refresh(self, policy: torch.nn.Module) -> torch.nn.Module:
+        if self.model is None:
+            import copy
+
+            self.model = copy.deepcopy(policy).to(getattr(torch, self.dtype)).eval().requires_grad_(False)
+        else:
+            for dst, src in zip(self.model.parameters(), policy.parameters()):
+                dst.copy_(src)
+        return self.model
