@@ -91,7 +91,21 @@ def algorithm_line(advantage: Any, objective: Any, name: str | None = None) -> s
 
 
 class RewardProgressBar(TQDMProgressBar):
-    """Lightning's progress bar counting rollout steps, with the mean reward as its only figure."""
+    """Lightning's progress bar counting rollout steps, with the mean reward (and the latest held-out
+    metrics) as its only figures; validation runs without a bar of its own."""
+
+    def on_validation_start(self, *args: Any) -> None:
+        pass
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)

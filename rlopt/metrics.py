@@ -119,6 +119,8 @@ def step_scalars(module: Any, traj: Trajectory, acc: MetricAccumulator) -> dict[
     out["perf/update_s"] = torch.tensor(t_upd)
     out["lr"] = torch.tensor(module.optimizers().optimizer.param_groups[0]["lr"])
     out["train/skipped_updates"] = torch.tensor(float(module.skipped_updates))
+    out["offpolicy/staleness_mean"] = ranks.reduce_sum(torch.tensor(float(traj.staleness))) / ranks.world_size()
+    out["offpolicy/staleness_max"] = ranks.reduce_max(torch.tensor(float(traj.staleness)))
     keys = list(out)
     on_dev = [k for k in keys if torch.is_tensor(out[k]) and out[k].device.type != "cpu"]
     got = dict(zip(on_dev, torch.stack([out[k].float().reshape(()) for k in on_dev]).tolist())) if on_dev else {}

@@ -44,6 +44,7 @@ from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars
 from .models import is_peft, prepare_tokenizer
 from .rewards import RewardSet
 from .rollout import BehaviourCopy, Completions, HFGenerate, RolloutEngine
+from .rollout.staleness import StaleWeights
 from .trajectory import Trajectory
 
 
@@ -80,6 +81,8 @@ class PolicyOptModule(L.LightningModule):
         ref_sync_every: every k rollout steps mix the policy into the reference model,
             ``ref = alpha * policy + (1 - alpha) * ref`` (TRL's ``sync_ref_model``); 0 = never.
         ref_sync_alpha: that alpha.
+        staleness: sample each rollout batch with the weights of this many optimizer updates ago
+            (``offpolicy.staleness``; rollout/staleness.py); 0 = the current weights.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class PolicyOptModule(L.LightningModule):
         entropy_controller: Any = None,
         ref_sync_every: int = 0,
         ref_sync_alpha: float = 0.6,
+        staleness: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -140,7 +144,10 @@ class PolicyOptModule(L.LightningModule):
         # A reference policy exists only when the KL term is active (a frozen copy of the start).
         self.ref_policy = None
         self.history: list[dict[str, float]] = []  # every step's logged scalars (kept in checkpoints)
-        self._behaviour_copy = BehaviourCopy(self.rollout.dtype)  # rollout.dtype's sampler weights (not a submodule)
+        self._behaviour_copy = BehaviourCopy(self.rollout.dtype)  # the sampler's own weights (not a submodule)
+        self.stale = StaleWeights(staleness)  # snapshots of the last updates' weights (offpolicy.staleness)
+        self.policy_version = 0  # optimizer updates applied to the policy so far (saved in checkpoints)
+        self._sampled_version = 0  # the version that sampled the current rollout batch
         # With LoRA the reference is the base model with the adapter disabled: no second copy.
         needs_ref = objective.needs_reference or "kl" in advantage.needs  # KL loss, or KL folded into the reward
         self.ref_via_adapter = needs_ref and is_peft(policy)
@@ -191,10 +198,14 @@ class PolicyOptModule(L.LightningModule):
         # sharded weights: every decoding step is a collective, so ranks step together until all are done
         synced = {"synced_gpus": True} if _dist.synced_generation(self.policy) else {}
         with _dist.generation_model(self.policy) as model:
-            if behaviour and self.rollout.dtype is not None:
+            self._sampled_version = self.policy_version
+            if behaviour and (self.rollout.dtype is not None or self.stale.staleness):
                 if _dist.is_sharded(self.policy):
-                    raise ValueError("rollout.dtype needs unsharded weights (FSDP shards them): set rollout.dtype=null")
-                model = self._behaviour_copy.refresh(model)
+                    raise ValueError("rollout.dtype / offpolicy.staleness need unsharded weights (FSDP shards them)")
+                params = None
+                if self.stale.staleness:
+                    self._sampled_version, params = self.stale.for_sampling()
+                model = self._behaviour_copy.refresh(model, params)
             return self.rollout.generate(model, ids, mask, num_samples, eos_token_id=self.tokenizer.eos_token_id,
                                          pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, **synced)
 
@@ -276,7 +287,7 @@ class PolicyOptModule(L.LightningModule):
                              f"but rollout engine {type(self.rollout).__name__} returned none")
         old_ent = None
         with torch.no_grad():  # no old-log-prob pass when exactly on-policy (the update's own values) unless needed
-            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs:
+            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs or self.stale.staleness:
                 old_logp, old_ent = self.completion_logprobs(self.policy, ro, with_entropy=obj.needs_rollout_entropy)
             else:
                 old_logp = None  # [N, T] | None
@@ -290,7 +301,8 @@ class PolicyOptModule(L.LightningModule):
                              reduce_sum=ranks.reduce_sum, **extra)  # [N, T]
         traj = Trajectory(prompts=prompts, columns=columns, completions=ro, texts=texts, rewards=rewards,
                           reward_components=per_fn, valid=valid, loss_mask=mask, advantages=adv,
-                          old_logp=old_logp, ref_logp=ref_logp, sampler_logp=mu, timings={"rollout": t_gen})
+                          old_logp=old_logp, ref_logp=ref_logp, sampler_logp=mu, timings={"rollout": t_gen},
+                          policy_version=self._sampled_version, staleness=self.policy_version - self._sampled_version)
         if obj.has_rollout_weights:
             rw = obj.rollout_weights(mask, old_logp=old_logp, sampler_logp=mu, advantages=adv, entropy=old_ent,
                                      truncated=ro.truncated, gather=ranks.gather_cat)
@@ -367,6 +379,8 @@ class PolicyOptModule(L.LightningModule):
             finite = not bool(ranks.reduce_max(torch.tensor(0.0 if finite else 1.0, device=self.device)))
         if finite:
             opt.optimizer.step()
+            self.policy_version += 1
+            self.stale.push(self.policy_version, self.policy)
             self._consecutive_skips = 0
         else:
             opt.zero_grad(set_to_none=True)
@@ -403,7 +417,8 @@ class PolicyOptModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history)}
+        checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history),
+                               "policy_version": self.policy_version, "stale": self.stale.state_dict()}
         for name in ("advantage", "entropy_controller"):  # state across steps (running normalisation, coefficient)
             part = getattr(self, name)
             if hasattr(part, "state_dict"):
@@ -413,6 +428,9 @@ class PolicyOptModule(L.LightningModule):
         state = checkpoint.get("rlopt", {})
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.history = list(state.get("history", []))
+        self.policy_version = int(state.get("policy_version", 0))
+        if "stale" in state:
+            self.stale.load_state_dict(state["stale"], self.device)
         for name in ("advantage", "entropy_controller"):
             part = getattr(self, name)
             if name in state and hasattr(part, "load_state_dict"):
@@ -425,6 +443,8 @@ class PolicyOptModule(L.LightningModule):
         in eval) and check every prompt fits the context with the generation budget, before any work."""
         self.policy.train()
         ignore_reference_eval_mode_warning(self)
+        if self.stale.staleness and not self.stale.snapshots:  # the initial weights are version 0
+            self.stale.push(self.policy_version, self.policy)
         limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
         check_prompts_fit(getattr(self.trainer, "datamodule", None), self.tokenizer, limit, self.rollout.max_new_tokens)
 

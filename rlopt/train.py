@@ -63,6 +63,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         log_entropy=bool(cfg.get("log_entropy", True)),
         entropy_controller=AdaptiveEntropyCoef.from_config(cfg.entropy) if cfg.entropy.get("adaptive") else None,
         ref_sync_every=int(cfg.kl.get("ref_sync_every") or 0), ref_sync_alpha=float(cfg.kl.get("ref_sync_alpha", 0.6)),
+        staleness=int(OmegaConf.select(cfg, "offpolicy.staleness", default=0) or 0),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -37,6 +37,8 @@ class Trajectory:
     behaviour_weight: Tensor | None = None  # [N, T] detached behaviour-correction x token-mask weight; None = 1
     rollout_metrics: dict[str, Tensor] = field(default_factory=dict)  # correction/*, mask/* and mismatch/* of this step
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    policy_version: int = 0  # optimizer updates applied to the weights that sampled this batch
+    staleness: int = 0  # updates between those weights and the policy being trained
 
     @property
     def num_rows(self) -> int:

@@ -43,10 +43,11 @@ def _comparable(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in history]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("offpolicy.staleness=2", "num_minibatches=2")], ids=["default", "stale"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, extra):
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-    ref = _train(ref_dir)
-    cut = _train(cut_dir)
+    ref = _train(ref_dir, *extra)
+    cut = _train(cut_dir, *extra)
     ckdir = os.path.join(cut_dir, "checkpoints")
     deadline = time.time() + 240
     while time.time() < deadline and cut.poll() is None:  # kill once a mid-run checkpoint exists
@@ -62,7 +63,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert 3 <= killed_at < 40
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
-    resumed = _train(cut_dir, f"ckpt_path={ckdir}/last.ckpt")
+    resumed = _train(cut_dir, *extra, f"ckpt_path={ckdir}/last.ckpt")
     out2, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out2
     a = _state(os.path.join(ref_dir, "checkpoints", "last.ckpt"))

@@ -148,3 +148,23 @@ def test_a_correction_without_sampler_logprobs_is_a_clear_error(tmp_path):
 def _greedy(module, batch):
     ro = module.sample(batch["prompt"], module.group_size, greedy=True)  # greedy: no sampler log-probs
     return ro, module.decode(ro)
+
+
+def test_staleness_samples_with_the_weights_of_k_updates_ago(tmp_path):
+    # 2 optimizer updates per rollout step: versions 0 -> 2 -> 4; staleness 1 samples with 0, 1, 3
+    module = _fit(tmp_path, "offpolicy.staleness=1", "num_minibatches=2")
+    assert [h["offpolicy/staleness_max"] for h in module.history] == [0.0, 1.0, 1.0]
+    assert module.policy_version == 6 and [v for v, _ in module.stale.snapshots] == [5, 6]
+    stale = module.history[-1]["mismatch/logp_abs_diff_max"]  # mu: the weights one update old; pi_old: current
+    fresh = _fit(tmp_path, "num_minibatches=2").history[-1]["mismatch/logp_abs_diff_max"]
+    assert stale > 1e-3 and fresh < 1e-4, (stale, fresh)
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)  # the snapshots travel with the checkpoint (exact resume)
+    assert ckpt["rlopt"]["policy_version"] == 6 and [v for v, _ in ckpt["rlopt"]["stale"]["snapshots"]] == [5, 6]
+
+
+def test_staleness_zero_is_the_default_run(tmp_path):
+    a = _fit(tmp_path, "num_minibatches=2").history
+    b = _fit(tmp_path, "num_minibatches=2", "offpolicy.staleness=0").history
+    strip = [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in (a[-1], b[-1])]
+    assert strip[0] == strip[1] and a[-1]["offpolicy/staleness_max"] == 0.0

@@ -64,6 +64,9 @@ class RolloutEngine:
     """Interface: ``generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id, greedy)``
     returns ``Completions`` with ``sampler_logp`` filled for sampled (not greedy) completions.
 
+    ``sampler_logp`` (``rollout.sampler_logp``): record them (default); false skips the recording
+    (benchmarks/sampler_logp_cost.py measures what it costs).
+
     ``dtype`` (``rollout.dtype``): None samples with the policy itself; ``"bfloat16"`` /
     ``"float16"`` / ``"float32"`` make the module sample with a copy of the policy's weights in
     that dtype, refreshed before every rollout step, while training stays in the policy's own
@@ -75,7 +78,8 @@ class RolloutEngine:
     until every rank is done (a rank that stops early would leave the others waiting forever)."""
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, sampler_logp: bool = True) -> None:
+        self.sampler_logp = bool(sampler_logp)  # record mu of each drawn token (false: skip; corrections need it)
         if dtype not in SAMPLER_DTYPES:
             raise ValueError(f"rollout.dtype={dtype!r} is not valid; valid choices: null, {', '.join(SAMPLER_DTYPES[1:])}")
         self.dtype = dtype
@@ -90,22 +94,25 @@ class RolloutEngine:
 
 
 class BehaviourCopy:
-    """The sampler's own weights for ``rollout.dtype``: a copy of the policy in that dtype, refreshed
-    from the policy before every rollout step, so mu differs from pi_old by the sampler's numerics
-    only (the one-machine analogue of an inference engine in another precision). Not a submodule
-    of anything: it is rebuilt from the policy, never checkpointed."""
+    """The sampler's own weights: a copy of the policy (in ``rollout.dtype`` when set, else the
+    policy's own dtype), loaded before every rollout step from the policy or from given parameters
+    (stale weights, ``rollout/staleness.py``). So mu differs from pi_old by the sampler's numerics
+    (the one-machine analogue of an inference engine in another precision) and/or by its weights'
+    age. Not a submodule of anything: it is rebuilt from the policy, never checkpointed."""
 
     def __init__(self, dtype: str | None) -> None:
         self.dtype = dtype
         self.model: torch.nn.Module | None = None
 
     @torch.no_grad()
-    def refresh(self, policy: torch.nn.Module) -> torch.nn.Module:
+    def refresh(self, policy: torch.nn.Module, params: list[Tensor] | None = None) -> torch.nn.Module:
+        """The copy with ``params`` (default: the policy's current parameters) loaded."""
         if self.model is None:
             import copy
 
-            self.model = copy.deepcopy(policy).to(getattr(torch, self.dtype)).eval().requires_grad_(False)
-        else:
-            for dst, src in zip(self.model.parameters(), policy.parameters()):
-                dst.copy_(src)
+            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+            if self.dtype is not None:
+                self.model.to(getattr(torch, self.dtype))
+        for dst, src in zip(self.model.parameters(), params if params is not None else policy.parameters()):
+            dst.copy_(src)
         return self.model

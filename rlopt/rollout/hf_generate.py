@@ -28,19 +28,20 @@ class HFGenerate(RolloutEngine):
         mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        record = self.sampler_logp and not greedy
         was_training = model.training
         model.eval()
         try:
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-                                 synced_gpus=synced_gpus, output_scores=not greedy, return_dict_in_generate=True,
+                                 synced_gpus=synced_gpus, output_scores=record, return_dict_in_generate=True,
                                  **kwargs)
         finally:
             model.train(was_training)
         comp = out.sequences[:, ids.shape[1]:]  # [N, T']
         cmask, truncated = completion_mask_from(comp, eos_token_id)
         logp = None
-        if not greedy:  # scores[t]: [N, V] processed logits of step t; finished rows emit pad (masked below)
+        if record:  # scores[t]: [N, V] processed logits of step t; finished rows emit pad (masked below)
             logp = torch.stack([torch.log_softmax(s.float(), dim=-1).gather(1, comp[:, t:t + 1]).squeeze(1)
                                 for t, s in enumerate(out.scores)], dim=1)  # [N, T']
             logp = torch.where(cmask.bool(), logp, 0.0)

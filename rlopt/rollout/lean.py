@@ -134,8 +134,9 @@ class KVCacheSampler(RolloutEngine):
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
                  cache: str = "buffer", prune_finished: bool = True, prune_below: float = 0.75,
-                 share_prefill: bool = True, dtype: str | None = None) -> None:
-        super().__init__(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, dtype=dtype)
+                 share_prefill: bool = True, dtype: str | None = None, sampler_logp: bool = True) -> None:
+        super().__init__(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, dtype=dtype,
+                         sampler_logp=sampler_logp)
         if cache not in ("buffer", "dynamic", "static"):
             raise ValueError(f"rollout.cache={cache!r} is not valid; valid choices: buffer, dynamic, static")
         self.cache = cache
@@ -174,7 +175,7 @@ class KVCacheSampler(RolloutEngine):
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [N, P]
         next_pos = pos[:, -1:] + 1  # [N, 1]
         out_ids = torch.full((n, t_max), int(pad_token_id), dtype=ids.dtype, device=dev)  # [N, T]
-        out_logp = None if greedy else torch.zeros(n, t_max, device=dev)  # [N, T] mu of each drawn token
+        out_logp = None if greedy or not self.sampler_logp else torch.zeros(n, t_max, device=dev)  # [N, T] mu
         unfinished = torch.ones(n, dtype=torch.bool, device=dev)  # [N]
         pad = torch.tensor(int(pad_token_id), dtype=ids.dtype, device=dev)
         cache, buffered = self._new_cache(model, p + t_max)
@@ -216,7 +217,8 @@ class KVCacheSampler(RolloutEngine):
                     else:
                         probs.index_copy_(0, rows, p_rows)
                     tok = torch.multinomial(probs, num_samples=1).squeeze(1)  # [N]: one draw for every row
-                    out_logp[:, step] = probs.gather(1, tok[:, None]).squeeze(1).log()  # [N] the sampling step's own
+                    if out_logp is not None:  # [N] the log-prob of the draw, from the sampling step's own probabilities
+                        out_logp[:, step] = probs.gather(1, tok[:, None]).squeeze(1).log()
                 tok = torch.where(unfinished, tok, pad)
                 out_ids[:, step] = tok
                 steps = step + 1
