@@ -98,7 +98,6 @@ def step_scalars(module: Any, traj: Trajectory, acc: MetricAccumulator) -> dict[
     sums["advantage/mean"] = (a_m.sum(), mask.sum())
     sums["advantage/sq"] = ((a_m * adv).sum(), mask.sum())
     out = acc.compute(ranks.reduce_sum)
-    out.update(rollout_scalars(traj))
     keys = list(sums)
     packed = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=dev) for s, _ in sums.values()]
                          + [torch.tensor(float(c), device=dev) for _, c in sums.values()])
@@ -106,6 +105,7 @@ def step_scalars(module: Any, traj: Trajectory, acc: MetricAccumulator) -> dict[
     vals = packed[: len(keys)] / packed[len(keys):].clamp(min=1)
     for k, v in zip(keys, vals):
         out[k] = v
+    out.update(rollout_scalars(traj))  # after the batch sums: dynamic sampling's reward/zero_std_groups is before its filter
     out["reward/std"] = (out.pop("reward/sq") - out["reward/mean"] ** 2).clamp(min=0).sqrt()
     out["advantage/std"] = (out.pop("advantage/sq") - out["advantage/mean"] ** 2).clamp(min=0).sqrt()
     t_gen, t_upd = ranks.reduce_max(torch.tensor([traj.timings["rollout"], traj.timings["update"]],
@@ -128,7 +128,7 @@ def step_scalars(module: Any, traj: Trajectory, acc: MetricAccumulator) -> dict[
 
 
 def rollout_scalars(traj: Trajectory) -> dict[str, Tensor]:
-    """The collect phase's metrics over all ranks: ``mismatch/*`` are already exact; the behaviour
+    """The collect phase's metrics over all ranks: ``mismatch/*``, ``sampling/*`` and ``reward/*`` are already exact; the behaviour
     correction's and the masks' (computed on each rank's rows) are combined as means weighted by the
     rank's completion tokens, ``*_min`` / ``*_max`` as extremes. Exact on one process and for the
     correction's token-level means; across ranks the effective sample size, the per-sequence
@@ -137,7 +137,7 @@ def rollout_scalars(traj: Trajectory) -> dict[str, Tensor]:
     out, means = {}, {}
     tokens = traj.completions.completion_mask.sum().float()
     for k, v in traj.rollout_metrics.items():
-        if k.startswith("mismatch/"):
+        if k.startswith(("mismatch/", "sampling/", "reward/")):  # already reduced over ranks
             out[k] = v
         elif k.endswith("_min"):
             out[k] = ranks.reduce_min(v.float())

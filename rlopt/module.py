@@ -83,6 +83,8 @@ class PolicyOptModule(L.LightningModule):
         ref_sync_alpha: that alpha.
         staleness: sample each rollout batch with the weights of this many optimizer updates ago
             (``offpolicy.staleness``; rollout/staleness.py); 0 = the current weights.
+        dynamic_sampling: a ``DynamicSampling`` (DAPO; rollout/dynamic.py) that drops groups whose
+            rewards all agree and samples more prompts of the step's batch until it is full.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class PolicyOptModule(L.LightningModule):
         ref_sync_every: int = 0,
         ref_sync_alpha: float = 0.6,
         staleness: int = 0,
+        dynamic_sampling: Any = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -154,6 +157,7 @@ class PolicyOptModule(L.LightningModule):
         if needs_ref and not self.ref_via_adapter:
             self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
         self.entropy_controller = entropy_controller
+        self.dynamic_sampling = dynamic_sampling
         self.whole_groups = bool(getattr(objective.aggregation, "requires_whole_groups", False))
         self.ref_sync_every = int(ref_sync_every)
         self.ref_sync_alpha = float(check_range("kl.ref_sync_alpha", ref_sync_alpha, low=0.0, high=1.0))
@@ -275,11 +279,16 @@ class PolicyOptModule(L.LightningModule):
         """Phase 1: generate -> rewards -> advantages -> old and reference log-probs -> behaviour
         correction and token masks (once per rollout, on the whole batch)."""
         t0 = time.perf_counter()
-        prompts = batch["prompt"]
-        columns = {k: v for k, v in batch.items() if k != "prompt"}
-        ro, texts = self.make_completions(batch)  # G samples per prompt, groups contiguous
-        t_gen = time.perf_counter() - t0
-        rewards, per_fn, valid = self.score(prompts, ro, texts, columns, self.group_size)  # [N]
+        dyn: dict[str, Tensor] = {}
+        if self.dynamic_sampling is not None:  # sample and score chunks of prompts until the batch is full
+            prompts, columns, ro, texts, rewards, per_fn, valid, dyn = self.dynamic_sampling.collect(self, batch)
+            t_gen = time.perf_counter() - t0
+        else:
+            prompts = batch["prompt"]
+            columns = {k: v for k, v in batch.items() if k != "prompt"}
+            ro, texts = self.make_completions(batch)  # G samples per prompt, groups contiguous
+            t_gen = time.perf_counter() - t0
+            rewards, per_fn, valid = self.score(prompts, ro, texts, columns, self.group_size)  # [N]
         mask = ro.completion_mask.float()  # [N, T]
         obj, mu, needs = self.objective, ro.sampler_logp, self.advantage.needs  # mu: [N, T] | None
         if obj.needs_sampler_logp and mu is None:
@@ -303,6 +312,7 @@ class PolicyOptModule(L.LightningModule):
                           reward_components=per_fn, valid=valid, loss_mask=mask, advantages=adv,
                           old_logp=old_logp, ref_logp=ref_logp, sampler_logp=mu, timings={"rollout": t_gen},
                           policy_version=self._sampled_version, staleness=self.policy_version - self._sampled_version)
+        traj.rollout_metrics.update(dyn)
         if obj.has_rollout_weights:
             rw = obj.rollout_weights(mask, old_logp=old_logp, sampler_logp=mu, advantages=adv, entropy=old_ent,
                                      truncated=ro.truncated, gather=ranks.gather_cat)
@@ -419,7 +429,7 @@ class PolicyOptModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history),
                                "policy_version": self.policy_version, "stale": self.stale.state_dict()}
-        for name in ("advantage", "entropy_controller"):  # state across steps (running normalisation, coefficient)
+        for name in ("advantage", "entropy_controller", "dynamic_sampling"):  # state across steps
             part = getattr(self, name)
             if hasattr(part, "state_dict"):
                 checkpoint["rlopt"][name] = part.state_dict()
@@ -431,7 +441,7 @@ class PolicyOptModule(L.LightningModule):
         self.policy_version = int(state.get("policy_version", 0))
         if "stale" in state:
             self.stale.load_state_dict(state["stale"], self.device)
-        for name in ("advantage", "entropy_controller"):
+        for name in ("advantage", "entropy_controller", "dynamic_sampling"):
             part = getattr(self, name)
             if name in state and hasattr(part, "load_state_dict"):
                 part.load_state_dict(state[name])

@@ -102,12 +102,16 @@ def minibatch_plan(n: int, micro: int, gen: torch.Generator, num_minibatches: in
     j = torch.arange(n)
     mine = place[((j // g) * w + rank) * g + j % g]  # [n] positions of this rank's rows
     order = torch.argsort(mine)
-    size = total // m
+    # minibatch k is perm[bounds[k]:bounds[k+1]]: equal pieces when m divides the rows (groups), else
+    # as equal as possible, so no row is ever left out (dynamic sampling may shorten a batch)
+    unit = g if whole_groups else 1
+    bounds = [(k * (total // unit)) // m * unit for k in range(m + 1)]
     owner = (perm // g) % w  # [W*n] rank holding each row of perm
     out = []
     for k in range(m):
-        rows = order[(mine[order] >= k * size) & (mine[order] < (k + 1) * size)]
-        counts = torch.bincount(owner[k * size:(k + 1) * size], minlength=w)  # [W] rows per rank
+        lo, hi = bounds[k], bounds[k + 1]
+        rows = order[(mine[order] >= lo) & (mine[order] < hi)]
+        counts = torch.bincount(owner[lo:hi], minlength=w)  # [W] rows per rank
         out.append((rows, int((-(-counts // micro)).max())))
     return out
 

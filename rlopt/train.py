@@ -28,6 +28,7 @@ from .console import RewardProgressBar, algorithm_line, quiet_libraries
 from .data import PromptDataModule
 from .module import PolicyOptModule
 from .resources import config_dir, sweeps_dir
+from .rollout.dynamic import DynamicSampling
 from .rewards import RewardSet
 from .warmup import supervised_warmup
 
@@ -40,8 +41,11 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
     parts = check_config(cfg)  # fails here, before any model is loaded, on a bad combination
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     policy, tokenizer = instantiate(cfg.model)
+    ds = cfg.get("dynamic_sampling") or {}
+    dynamic = DynamicSampling(cfg.data.batch_size, ds.get("max_gen_batches", 3), ds.get("min_std", 1e-6),
+                              ds.get("on_exhausted", "train")) if ds.get("enabled") else None
     dm = PromptDataModule(instantiate(cfg.task.train), instantiate(cfg.task.val) if cfg.task.val else None,
-                          batch_size=cfg.data.batch_size, val_batch_size=cfg.data.val_batch_size, seed=int(cfg.seed),
+                          batch_size=cfg.data.batch_size * (dynamic.max_gen_batches if dynamic else 1), val_batch_size=cfg.data.val_batch_size, seed=int(cfg.seed),
                           tokenizer=tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
     dm.setup("fit")
     if int(cfg.task.get("warmup_steps") or 0) > 0 and not cfg.get("ckpt_path"):
@@ -64,6 +68,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         entropy_controller=AdaptiveEntropyCoef.from_config(cfg.entropy) if cfg.entropy.get("adaptive") else None,
         ref_sync_every=int(cfg.kl.get("ref_sync_every") or 0), ref_sync_alpha=float(cfg.kl.get("ref_sync_alpha", 0.6)),
         staleness=int(OmegaConf.select(cfg, "offpolicy.staleness", default=0) or 0),
+        dynamic_sampling=dynamic,
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -76,7 +81,12 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
 def run(cfg: DictConfig) -> dict[str, Any]:
     module, dm, trainer = build(cfg)
     if trainer.is_global_zero:
-        print(algorithm_line(module.advantage, module.objective, cfg.get("algorithm_name")))
+        line = algorithm_line(module.advantage, module.objective, cfg.get("algorithm_name"))
+        if module.dynamic_sampling is not None:
+            line += f" | dynamic_sampling(max_gen_batches={module.dynamic_sampling.max_gen_batches})"
+        if module.stale.staleness:
+            line += f" | staleness={module.stale.staleness}"
+        print(line)
     if cfg.get("validate_before") and not cfg.get("ckpt_path"):
         before = trainer.validate(module, datamodule=dm, verbose=False)
         module.validation_before = {k: float(v) for k, v in (before[0] if before else {}).items()}
