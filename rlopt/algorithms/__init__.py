@@ -8,10 +8,8 @@ chunked log-probs and named presets.
     loss, metrics = obj(logp, old_logp, adv, mask)
 """
 
-from .advantages import (
-    GDPO, GPG, OPO, AdvantageEstimator, DiscountedReturn, GroupBaseline, GroupContrast, MaxRL, PassK,
-    ReinforcePP, ReinforcePPBaseline, RewardNorm,
-)
+from .advantage_variants import GDPO, GPG, OPO, MaxRL, PassK, ReinforcePP, ReinforcePPBaseline, RewardNorm
+from .advantages import AdvantageEstimator, DiscountedReturn, GroupBaseline, GroupContrast
 from .aggregation import (
     Aggregation, LUSPOAggregation, PromptMean, SeqMeanTokenMean, SeqMeanTokenSum, SeqMeanTokenSumNorm, TokenMean,
     TokenSum,
@@ -19,9 +17,9 @@ from .aggregation import (
 from .behaviour import (
     BehaviourCorrection, Bypass, DecoupledPPO, MaskedIS, NoCorrection, RejectionSampling, TruncatedIS,
 )
-from .clipping import (
-    ClipStrategy, DPPOKLClip, DPPOTVClip, GMPOClip, Kimi15Loss, NoClip, PolicyGradient, PPOClip, SAPOClip,
-    TOPRClip, VESPOClip, WeightAbsClip, WeightClip,
+from .clipping import ClipStrategy, NoClip, PPOClip, WeightClip
+from .trust_regions import (
+    DPPOKLClip, DPPOTVClip, GMPOClip, Kimi15Loss, PolicyGradient, SAPOClip, TOPRClip, VESPOClip, WeightAbsClip,
 )
 from .kl import kl_k1, kl_k2, kl_k3, kl_k3_plus
 from .logprobs import token_logprobs
