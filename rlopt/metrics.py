@@ -193,3 +193,21 @@ def tensorboard(module: Any) -> Any:
         if exp is not None and hasattr(exp, "add_histogram"):
             return exp
     return None
+
+
+def validate(module: Any, batch: dict[str, list[Any]]) -> None:
+    """One validation batch: greedy and sampled completions (one per prompt), their reward and
+    accuracy accumulated in ``module.val_metrics`` and logged as ``val/*`` (epoch means)."""
+    prompts = batch["prompt"]
+    columns = {k: v for k, v in batch.items() if k != "prompt"}
+    for mode in ("greedy", "sampled"):
+        ro = module.sample(prompts, 1, greedy=mode == "greedy")
+        texts = module.decode(ro)
+        rewards, _, _ = module.score(prompts, ro, texts, columns, 1)
+        module.val_metrics[f"reward_{mode}"].update(rewards)
+        if module.accuracy_fn is not None:
+            a = torch.tensor(module.accuracy_fn(prompts, texts, **columns), dtype=torch.float32, device=module.device)
+            module.val_metrics[f"accuracy_{mode}"].update(a)
+    for k, m in module.val_metrics.items():
+        if k.startswith("reward") or module.accuracy_fn is not None:
+            module.log(f"val/{k}", m, on_step=False, on_epoch=True, batch_size=len(prompts))

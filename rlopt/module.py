@@ -40,11 +40,11 @@ from .conf import check_parts
 from .console import ignore_reference_eval_mode_warning
 from .data import check_prompts_fit
 from .logprobs import CompletionLogProbs, PromptPlan, by_length
-from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars
+from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars, validate
 from .models import is_peft, prepare_tokenizer
 from .rewards import RewardSet
-from .rollout import BehaviourCopy, Completions, HFGenerate, RolloutEngine
-from .rollout.staleness import StaleWeights
+from .rollout import Completions, HFGenerate, RolloutEngine
+from .rollout.staleness import BehaviourWeights
 from .trajectory import Trajectory
 
 
@@ -147,16 +147,15 @@ class PolicyOptModule(L.LightningModule):
         # A reference policy exists only when the KL term is active (a frozen copy of the start).
         self.ref_policy = None
         self.history: list[dict[str, float]] = []  # every step's logged scalars (kept in checkpoints)
-        self._behaviour_copy = BehaviourCopy(self.rollout.dtype)  # the sampler's own weights (not a submodule)
-        self.stale = StaleWeights(staleness)  # snapshots of the last updates' weights (offpolicy.staleness)
-        self.policy_version = 0  # optimizer updates applied to the policy so far (saved in checkpoints)
-        self._sampled_version = 0  # the version that sampled the current rollout batch
+        self.behaviour = BehaviourWeights(self.rollout.dtype, staleness)  # the weights that sample (not a submodule)
         # With LoRA the reference is the base model with the adapter disabled: no second copy.
         needs_ref = objective.needs_reference or "kl" in advantage.needs  # KL loss, or KL folded into the reward
         self.ref_via_adapter = needs_ref and is_peft(policy)
         if needs_ref and not self.ref_via_adapter:
             self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
         self.entropy_controller = entropy_controller
+        if entropy_controller is not None and not self.log_entropy:
+            raise ValueError("the adaptive entropy coefficient needs the token entropy: set log_entropy: true")
         self.dynamic_sampling = dynamic_sampling
         self.whole_groups = bool(getattr(objective.aggregation, "requires_whole_groups", False))
         self.ref_sync_every = int(ref_sync_every)
@@ -202,14 +201,10 @@ class PolicyOptModule(L.LightningModule):
         # sharded weights: every decoding step is a collective, so ranks step together until all are done
         synced = {"synced_gpus": True} if _dist.synced_generation(self.policy) else {}
         with _dist.generation_model(self.policy) as model:
-            self._sampled_version = self.policy_version
-            if behaviour and (self.rollout.dtype is not None or self.stale.staleness):
-                if _dist.is_sharded(self.policy):
+            if behaviour:
+                if self.behaviour.separate and _dist.is_sharded(self.policy):
                     raise ValueError("rollout.dtype / offpolicy.staleness need unsharded weights (FSDP shards them)")
-                params = None
-                if self.stale.staleness:
-                    self._sampled_version, params = self.stale.for_sampling()
-                model = self._behaviour_copy.refresh(model, params)
+                model = self.behaviour.model_for(model)
             return self.rollout.generate(model, ids, mask, num_samples, eos_token_id=self.tokenizer.eos_token_id,
                                          pad_token_id=self.tokenizer.pad_token_id, greedy=greedy, **synced)
 
@@ -268,10 +263,8 @@ class PolicyOptModule(L.LightningModule):
         """After a rollout step: the adaptive entropy coefficient reads the step's mean entropy (all
         ranks); the reference model takes ``alpha`` of the policy every ``ref_sync_every`` steps."""
         if self.entropy_controller is not None:
-            if "entropy/mean" not in scalars:
-                raise ValueError("the adaptive entropy coefficient needs the token entropy: set log_entropy: true")
-            self.objective.entropy_coef = float(self.entropy_controller.step(scalars["entropy/mean"]))
-            scalars["entropy/coef"] = self.objective.entropy_coef
+            coef = float(self.entropy_controller.step(scalars["entropy/mean"]))
+            self.objective.entropy_coef = scalars["entropy/coef"] = coef
         if self.ref_sync_every and self.global_step % self.ref_sync_every == 0:
             mix_reference_(self.ref_policy.parameters(), self.policy.parameters(), self.ref_sync_alpha)
 
@@ -296,7 +289,7 @@ class PolicyOptModule(L.LightningModule):
                              f"but rollout engine {type(self.rollout).__name__} returned none")
         old_ent = None
         with torch.no_grad():  # no old-log-prob pass when exactly on-policy (the update's own values) unless needed
-            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs or self.stale.staleness:
+            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs or self.behaviour.stale.staleness:
                 old_logp, old_ent = self.completion_logprobs(self.policy, ro, with_entropy=obj.needs_rollout_entropy)
             else:
                 old_logp = None  # [N, T] | None
@@ -311,7 +304,8 @@ class PolicyOptModule(L.LightningModule):
         traj = Trajectory(prompts=prompts, columns=columns, completions=ro, texts=texts, rewards=rewards,
                           reward_components=per_fn, valid=valid, loss_mask=mask, advantages=adv,
                           old_logp=old_logp, ref_logp=ref_logp, sampler_logp=mu, timings={"rollout": t_gen},
-                          policy_version=self._sampled_version, staleness=self.policy_version - self._sampled_version)
+                          policy_version=self.behaviour.sampled_version,
+                          staleness=self.behaviour.version - self.behaviour.sampled_version)
         traj.rollout_metrics.update(dyn)
         if obj.has_rollout_weights:
             rw = obj.rollout_weights(mask, old_logp=old_logp, sampler_logp=mu, advantages=adv, entropy=old_ent,
@@ -389,8 +383,7 @@ class PolicyOptModule(L.LightningModule):
             finite = not bool(ranks.reduce_max(torch.tensor(0.0 if finite else 1.0, device=self.device)))
         if finite:
             opt.optimizer.step()
-            self.policy_version += 1
-            self.stale.push(self.policy_version, self.policy)
+            self.behaviour.updated(self.policy)
             self._consecutive_skips = 0
         else:
             opt.zero_grad(set_to_none=True)
@@ -408,27 +401,12 @@ class PolicyOptModule(L.LightningModule):
         # Validation must not consume the training random stream (exact resume).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(ranks.mix_seed(self.seed, self.global_step, 1_000 + batch_idx))
-            self._validate(batch)
-
-    def _validate(self, batch: dict[str, list[Any]]) -> None:
-        prompts = batch["prompt"]
-        columns = {k: v for k, v in batch.items() if k != "prompt"}
-        for mode in ("greedy", "sampled"):
-            ro = self.sample(prompts, 1, greedy=mode == "greedy")
-            texts = self.decode(ro)
-            rewards, _, _ = self.score(prompts, ro, texts, columns, 1)
-            self.val_metrics[f"reward_{mode}"].update(rewards)
-            if self.accuracy_fn is not None:
-                a = torch.tensor(self.accuracy_fn(prompts, texts, **columns), dtype=torch.float32, device=self.device)
-                self.val_metrics[f"accuracy_{mode}"].update(a)
-        for k, m in self.val_metrics.items():
-            if k.startswith("reward") or self.accuracy_fn is not None:
-                self.log(f"val/{k}", m, on_step=False, on_epoch=True, batch_size=len(prompts))
+            validate(self, batch)  # greedy and sampled reward and accuracy (metrics.py)
 
     # ----------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history),
-                               "policy_version": self.policy_version, "stale": self.stale.state_dict()}
+                               "behaviour": self.behaviour.state_dict()}
         for name in ("advantage", "entropy_controller", "dynamic_sampling"):  # state across steps
             part = getattr(self, name)
             if hasattr(part, "state_dict"):
@@ -438,9 +416,7 @@ class PolicyOptModule(L.LightningModule):
         state = checkpoint.get("rlopt", {})
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.history = list(state.get("history", []))
-        self.policy_version = int(state.get("policy_version", 0))
-        if "stale" in state:
-            self.stale.load_state_dict(state["stale"], self.device)
+        self.behaviour.load_state_dict(state.get("behaviour", {}), self.device)
         for name in ("advantage", "entropy_controller", "dynamic_sampling"):
             part = getattr(self, name)
             if name in state and hasattr(part, "load_state_dict"):
@@ -453,8 +429,7 @@ class PolicyOptModule(L.LightningModule):
         in eval) and check every prompt fits the context with the generation budget, before any work."""
         self.policy.train()
         ignore_reference_eval_mode_warning(self)
-        if self.stale.staleness and not self.stale.snapshots:  # the initial weights are version 0
-            self.stale.push(self.policy_version, self.policy)
+        self.behaviour.start(self.policy)  # stale sampling: the initial weights are version 0
         limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
         check_prompts_fit(getattr(self.trainer, "datamodule", None), self.tokenizer, limit, self.rollout.max_new_tokens)
 

@@ -84,8 +84,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         line = algorithm_line(module.advantage, module.objective, cfg.get("algorithm_name"))
         if module.dynamic_sampling is not None:
             line += f" | dynamic_sampling(max_gen_batches={module.dynamic_sampling.max_gen_batches})"
-        if module.stale.staleness:
-            line += f" | staleness={module.stale.staleness}"
+        if module.behaviour.stale.staleness:
+            line += f" | staleness={module.behaviour.stale.staleness}"
         print(line)
     if cfg.get("validate_before") and not cfg.get("ckpt_path"):
         before = trainer.validate(module, datamodule=dm, verbose=False)

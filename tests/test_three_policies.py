@@ -104,7 +104,7 @@ def _fit(tmp_path, *overrides):
 def test_bfloat16_sampler_makes_a_measured_mismatch_and_tis_trains(tmp_path):
     module = _fit(tmp_path, "algorithm=grpo_tis", "rollout.dtype=bfloat16")
     h = module.history[-1]
-    assert module._behaviour_copy.model is not None and next(module._behaviour_copy.model.parameters()).dtype == torch.bfloat16
+    assert module.behaviour.copy.model is not None and next(module.behaviour.copy.model.parameters()).dtype == torch.bfloat16
     assert next(module.policy.parameters()).dtype == torch.float32  # the trainer stays float32
     assert h["mismatch/logp_abs_diff_max"] > 1e-4  # bfloat16 rounding shows
     for key in ("mismatch/kl_k1", "mismatch/kl_k3", "mismatch/chi2_token", "mismatch/chi2_seq", "mismatch/ppl_ratio",
@@ -154,13 +154,14 @@ def test_staleness_samples_with_the_weights_of_k_updates_ago(tmp_path):
     # 2 optimizer updates per rollout step: versions 0 -> 2 -> 4; staleness 1 samples with 0, 1, 3
     module = _fit(tmp_path, "offpolicy.staleness=1", "num_minibatches=2")
     assert [h["offpolicy/staleness_max"] for h in module.history] == [0.0, 1.0, 1.0]
-    assert module.policy_version == 6 and [v for v, _ in module.stale.snapshots] == [5, 6]
+    assert module.behaviour.version == 6 and [v for v, _ in module.behaviour.stale.snapshots] == [5, 6]
     stale = module.history[-1]["mismatch/logp_abs_diff_max"]  # mu: the weights one update old; pi_old: current
     fresh = _fit(tmp_path, "num_minibatches=2").history[-1]["mismatch/logp_abs_diff_max"]
     assert stale > 1e-3 and fresh < 1e-4, (stale, fresh)
     ckpt: dict = {}
     module.on_save_checkpoint(ckpt)  # the snapshots travel with the checkpoint (exact resume)
-    assert ckpt["rlopt"]["policy_version"] == 6 and [v for v, _ in ckpt["rlopt"]["stale"]["snapshots"]] == [5, 6]
+    assert ckpt["rlopt"]["behaviour"]["version"] == 6
+    assert [v for v, _ in ckpt["rlopt"]["behaviour"]["stale"]["snapshots"]] == [5, 6]
 
 
 def test_staleness_zero_is_the_default_run(tmp_path):

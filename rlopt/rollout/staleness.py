@@ -48,3 +48,52 @@ class StaleWeights:
         self.snapshots.clear()
         for v, ps in state.get("snapshots", []):
             self.snapshots.append((int(v), [p.to(device) if device is not None else p for p in ps]))
+
+
+class BehaviourWeights:
+    """Which weights sample a training batch, and their version: the policy itself, or (with
+    ``rollout.dtype`` and/or ``offpolicy.staleness``) the sampler's own copy (``BehaviourCopy``)
+    loaded with the current or a stale snapshot of the parameters.
+
+        bw = BehaviourWeights(dtype=None, staleness=1)
+        bw.start(policy)                 # once before training: the initial weights are version 0
+        model = bw.model_for(policy)     # before sampling a training batch (bw.sampled_version: its version)
+        bw.updated(policy)               # after every applied optimizer update
+    """
+
+    def __init__(self, dtype: str | None = None, staleness: int = 0) -> None:
+        from .base import BehaviourCopy
+
+        self.copy = BehaviourCopy(dtype)
+        self.stale = StaleWeights(staleness)
+        self.version = 0  # optimizer updates applied to the policy so far
+        self.sampled_version = 0  # the version that sampled the latest training batch
+
+    @property
+    def separate(self) -> bool:
+        """Sampling uses a copy of the weights, not the policy itself."""
+        return self.copy.dtype is not None or bool(self.stale.staleness)
+
+    def start(self, policy: torch.nn.Module) -> None:
+        if self.stale.staleness and not self.stale.snapshots:
+            self.stale.push(self.version, policy)
+
+    def updated(self, policy: torch.nn.Module) -> None:
+        self.version += 1
+        self.stale.push(self.version, policy)
+
+    def model_for(self, policy: torch.nn.Module) -> torch.nn.Module:
+        self.sampled_version, params = self.version, None
+        if not self.separate:
+            return policy
+        if self.stale.staleness:
+            self.sampled_version, params = self.stale.for_sampling()
+        return self.copy.refresh(policy, params)
+
+    def state_dict(self) -> dict:
+        return {"version": self.version, "stale": self.stale.state_dict()}
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        self.version = int(state.get("version", 0))
+        if "stale" in state:
+            self.stale.load_state_dict(state["stale"], device)
