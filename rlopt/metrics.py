@@ -94,6 +94,9 @@ def step_scalars(module: Any, traj: Trajectory, acc: MetricAccumulator) -> dict[
                                             **{k: repeat_each(v, g) for k, v in traj.columns.items()}),
                          dtype=torch.float32)
         sums["accuracy/train"] = (a.sum().to(dev), a.numel())
+        wrong = (a.to(dev) < 1).float()  # [N] completions that are not exactly right
+        sums["completion/length_incorrect"] = ((lens * wrong).sum(), wrong.sum())  # the length-bias signal
+        sums["completion/length_correct"] = ((lens * (1 - wrong)).sum(), (1 - wrong).sum())
     a_m = adv * mask  # over the whole batch (the objective's per-minibatch std is not additive)
     sums["advantage/mean"] = (a_m.sum(), mask.sum())
     sums["advantage/sq"] = ((a_m * adv).sum(), mask.sum())

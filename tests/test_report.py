@@ -22,7 +22,7 @@ from rlopt.conf import check_config
 from rlopt.train import CONFIG_DIR
 from tests.sweep_fixture import ALGORITHMS, BAD_SEED, GOOD_SEEDS, SWEEPS, tiny_sweep  # noqa: F401
 
-SWEEP_NAMES = ("grpo_vs_gspo", "clip_range", "hybrid_grid", "clip_optuna")
+SWEEP_NAMES = tuple(sorted(p.stem for p in SWEEPS.glob("*.yaml") if p.stem != "sweep_base"))  # every sweep
 
 
 # ------------------------------------------------------------------------------ sweep configs
@@ -60,7 +60,9 @@ def test_sweep_yaml_composes(name, size, steps, trials):
         assert h.sweeper._target_.endswith("BasicSweeper")
 
 
-@pytest.mark.parametrize("name,n_jobs", [("grpo_vs_gspo", 9), ("clip_range", 10), ("hybrid_grid", 12)])
+@pytest.mark.parametrize("name,n_jobs", [("grpo_vs_gspo", 9), ("clip_range", 10), ("hybrid_grid", 12),
+                                         ("bf16_mismatch", 20), ("gspo_clip_pair", 10), ("clip_higher_entropy", 10),
+                                         ("length_bias", 10), ("suite", 72)])
 def test_every_grid_point_is_a_valid_config(name, n_jobs):
     params = dict(compose_sweep(name).hydra.sweeper.params)
     jobs = grid(params)
