@@ -11,7 +11,10 @@ exit. The script parses the run's summary lines (``[rlopt] N steps; mean reward 
 TensorBoard log with tbparse, and prints a markdown table, the minimum over seeds and whether the
 floor of issue 15 holds: for every seed a last-10-step mean reward >= 0.8, a held-out greedy
 exact-match accuracy (``val/accuracy_greedy``, the last validation) >= 0.5 and a wall time
-<= 180 s. The wall column means something only on an otherwise idle machine with ``--jobs 1``.
+<= 180 s. The wall column means something only on an otherwise idle machine with ``--jobs 1``;
+the runs inherit the environment, ``OMP_NUM_THREADS`` included (printed under the table): on a
+2-core machine that something else keeps busy, torch's default of one thread per core made a
+step of the tiny model ~30x slower than ``OMP_NUM_THREADS=1`` (7 s instead of 0.2 s).
 
 Written under ``--out``: ``table.md``, ``seeds.csv`` (the table), ``rewards.csv`` (seed, step,
 reward/mean), ``summary.json`` (rows, reward histories, floor) and ``seed_S/`` (each run's
@@ -130,6 +133,7 @@ def markdown(rows: list[dict[str, Any]], floor: dict[str, Any]) -> str:
                  + f" | max {fmt('wall_s', max(r['wall_s'] for r in rows))} |")
     verdict = "HOLDS" if floor["holds"] else "FAILS"
     lines.append("")
+    lines.append(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs")
     lines.append(f"Floor (every seed: last-10 reward >= {FLOOR_REWARD}, val accuracy greedy >= {FLOOR_ACCURACY}, "
                  f"wall <= {FLOOR_WALL_S:.0f} s): **{verdict}** (reward {'ok' if floor['last10'] else 'no'}, "
                  f"accuracy {'ok' if floor['accuracy'] else 'no'}, wall {'ok' if floor['wall'] else 'no'}"
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             w.writerows([r["seed"], i + 1, v] for i, v in enumerate(r["history"]))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"overrides": args.overrides, "jobs": args.jobs, "floor": floor,
+        json.dump({"overrides": args.overrides, "jobs": args.jobs, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "floor": floor,
                    "bounds": {"last10": FLOOR_REWARD, "accuracy": FLOOR_ACCURACY, "wall_s": FLOOR_WALL_S},
                    "rows": rows}, f, indent=1)
     if args.plot:

@@ -72,6 +72,15 @@ STEP_MEANS = {
     "kl": "kl/mean",
     "entropy": "entropy/mean",
     "tokens_per_s": "perf/tokens_per_s",
+    # the sampler mismatch, the behaviour correction, lengths and staleness (NaN where not logged)
+    "mismatch_kl_k3": "mismatch/kl_k3",
+    "mismatch_logp_abs_diff_max": "mismatch/logp_abs_diff_max",
+    "correction_weight_mean": "correction/weight_mean",
+    "correction_token_frac_high": "correction/token_frac_high",
+    "correction_ess_token": "correction/ess_token",
+    "length_incorrect": "completion/length_incorrect",
+    "length_correct": "completion/length_correct",
+    "staleness": "offpolicy/staleness_mean",
 }
 #: per-run held-out score -> its tag (mean of the last ``eval_last`` evaluations)
 SCORE_PREFERENCE = ("val_reward_greedy", "val_accuracy_greedy", "final_reward")
