@@ -40,7 +40,7 @@ N_RESAMPLES = 9999
 METHOD = "percentile"  # scipy.stats.bootstrap method: percentile | basic | BCa
 
 #: the algorithm's axes: the Hydra config groups a configuration is composed of
-AXES = ("advantage", "ratio", "clip", "aggregation", "kl", "entropy")
+AXES = ("advantage", "ratio", "clip", "aggregation", "kl", "entropy", "correction", "masks")
 #: top-level keys that name or place a run rather than change what it computes
 IGNORED_KEYS = frozenset({"seed", "run_name", "output_dir", "log_root", "export_dir", "ckpt_path",
                           "algorithm_name", "hydra", "loss"})
@@ -273,6 +273,8 @@ def describe(node: Any) -> str:
         return "-"
     if not isinstance(node, Mapping):
         return _fmt_value(node)
+    if node and "_target_" not in node and all(isinstance(v, Mapping) and "_target_" in v for v in node.values()):
+        return " + ".join(f"{k}:{describe(v)}" for k, v in node.items())  # a dict of named components (masks)
     params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in node.items()
                        if k not in ("_target_", "_partial_") and (v is not None or "_target_" not in node))
     if "_target_" in node:
@@ -282,7 +284,9 @@ def describe(node: Any) -> str:
 
 def components(cfg: Mapping[str, Any]) -> dict[str, str]:
     """The algorithm axes of a (resolved or saved) training config, as text: advantage, ratio,
-    clip, aggregation (class and parameters), kl (``estimator``, ``coef``), entropy (``coef``).
+    clip, aggregation, correction (class and parameters), masks (each named mask), kl
+    (``estimator``, ``coef``), entropy (``coef``). A swapped component is one axis, whatever
+    parameters come with it.
     Configs from before the ``loss`` group became ``kl`` + ``entropy`` (``loss.kl``,
     ``loss.kl_coef``, ``loss.entropy_coef``) are read too."""
     cfg = dict(cfg or {})
