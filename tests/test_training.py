@@ -88,7 +88,9 @@ def test_hybrids_train(overrides, check, compose_cfg):
 # --- resume ---------------------------------------------------------------------------------------
 
 def test_resume_continues_from_the_checkpoint(tmp_path, compose_cfg):
-    first = compose_cfg("callbacks=default", "checkpoint_every=1", HASH_REWARD,
+    # scheduler=none: the default cosine (T_max = steps = 2) reaches lr 0 at step 2, and the resume
+    # restores that scheduler state (its T_max included), so step 3 would not move the weights
+    first = compose_cfg("callbacks=default", "checkpoint_every=1", HASH_REWARD, "scheduler=none",
                         "+callbacks.probe={_target_:tests.conftest.Probe}", output_dir=tmp_path / "first")
     assert run(first)["steps"] == 2
     probe1 = Probe.last
@@ -101,7 +103,8 @@ def test_resume_continues_from_the_checkpoint(tmp_path, compose_cfg):
         assert torch.equal(v, saved["state_dict"][k]), k
 
     # a fresh run folder (a new tiny model) resumed from the checkpoint, one more step
-    second = compose_cfg("callbacks=default", "checkpoint_every=1", HASH_REWARD, "steps=3", f"ckpt_path={ckpt}",
+    second = compose_cfg("callbacks=default", "checkpoint_every=1", HASH_REWARD, "scheduler=none", "steps=3",
+                         f"ckpt_path={ckpt}",
                          "+callbacks.probe={_target_:tests.conftest.Probe}", output_dir=tmp_path / "second")
     assert second.trainer.max_steps == 3
     summary = run(second)
