@@ -7,6 +7,7 @@ finish plus 2 runs that fail at start-up.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -58,6 +59,18 @@ def test_sweep_yaml_composes(name, size, steps, trials):
         assert cfg.algorithm_name == "gspo"
     else:
         assert h.sweeper._target_.endswith("BasicSweeper")
+
+
+@pytest.mark.parametrize("name", SWEEP_NAMES)
+def test_sweeps_pick_group_options_in_their_defaults_list(name):
+    """``algorithm: dapo`` as a plain key sets a string and silently keeps the default algorithm: a
+    sweep must choose a group's option with ``override /algorithm: dapo`` in its defaults list."""
+    from rlopt.resources import config_dir
+
+    raw = OmegaConf.to_container(OmegaConf.load(SWEEPS / f"{name}.yaml"), resolve=False)
+    groups = {p.name for p in Path(config_dir()).iterdir() if p.is_dir() and not p.name.startswith("_")}
+    plain = {k for k, v in raw.items() if k in groups and not isinstance(v, dict)}
+    assert not plain, f"{name}.yaml sets config groups as plain keys: {plain}"
 
 
 @pytest.mark.parametrize("name,n_jobs", [("grpo_vs_gspo", 9), ("clip_range", 10), ("hybrid_grid", 12),
