@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 
 from .models import decoder_layer_classes
-from .ranks import is_global_zero, world_size
+from .ranks import is_global_zero, reduce_max, world_size
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -256,6 +256,17 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, device: torch.device
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
     return (full() if full is not None else norm).detach()
+
+
+def clip_grad_norm_all_finite(model: torch.nn.Module, max_norm: float, device: torch.device | None = None
+                              ) -> tuple[Tensor, bool]:
+    """``clip_grad_norm`` and whether the norm is finite on every rank (the same answer on all ranks,
+    so that they all apply or all skip the update)."""
+    norm = clip_grad_norm(model, max_norm, device=device)
+    finite = bool(torch.isfinite(norm))
+    if world_size() > 1:  # any rank non-finite -> all skip
+        finite = not bool(reduce_max(torch.tensor(0.0 if finite else 1.0, device=device)))
+    return norm, finite
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor] | None:

@@ -373,28 +373,23 @@ class PolicyOptModule(L.LightningModule):
         self.manual_backward(logp.sum() * 0.0)
 
     def _clip_and_step(self, opt: Any) -> Tensor:
-        """Clip and apply one update; a non-finite gradient skips it (weights and optimizer state
-        untouched) and is counted. ``max_consecutive_skips`` in a row stop the run. The norm is over
-        all ranks' gradients (FSDP: all shards), and the skip decision is the same on every rank."""
+        """Clip and apply one update; a non-finite gradient (on any rank) skips it, weights and
+        optimizer state untouched, and is counted; ``max_consecutive_skips`` in a row stop the run."""
         max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
-        norm = _dist.clip_grad_norm(self.policy, max_norm, device=self.device)
-        finite = bool(torch.isfinite(norm))
-        if ranks.world_size() > 1:  # any rank non-finite -> all skip
-            finite = not bool(ranks.reduce_max(torch.tensor(0.0 if finite else 1.0, device=self.device)))
+        norm, finite = _dist.clip_grad_norm_all_finite(self.policy, max_norm, device=self.device)
         if finite:
             opt.optimizer.step()
             self.behaviour.updated(self.policy)
             self._consecutive_skips = 0
-        else:
-            opt.zero_grad(set_to_none=True)
-            self.skipped_updates += 1
-            self._consecutive_skips += 1
-            if self._consecutive_skips >= self.max_consecutive_skips:
-                raise NonFiniteError(
-                    f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                    f"(at rollout step {self.global_step}); the weights were left untouched. Lower the learning "
-                    "rate or check the rewards; resume from the last checkpoint (max_consecutive_skips sets the limit)")
-        return norm.detach()
+            return norm
+        opt.zero_grad(set_to_none=True)
+        self.skipped_updates, self._consecutive_skips = self.skipped_updates + 1, self._consecutive_skips + 1
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                f"(at rollout step {self.global_step}); the weights were left untouched. Lower the learning "
+                "rate or check the rewards; resume from the last checkpoint (max_consecutive_skips sets the limit)")
+        return norm
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:

@@ -54,10 +54,13 @@ def compare_configs(runs: pd.DataFrame, run_configs: dict[str, dict[str, Any]] |
     intervals = stats.config_intervals(scores, **kw)
     pairs = stats.pairwise(scores, **kw)
     settings: dict[str, dict[str, str]] = {}
+    # keys an axis interpolates (Dr. GRPO's max_len: ${rollout.max_new_tokens}) are part of that axis: left
+    # out of every configuration's other settings, so one config's reference is not a difference by itself
+    refs = sorted({r for run in scores["run"] for r in (run_configs.get(run) or {}).get("refs", ())})
     for run, cfg in zip(scores["run"], scores["config"]):
         rc = run_configs.get(run)
         if rc is not None and cfg not in settings:
-            settings[cfg] = stats.settings(rc["config"], ["task"] * stratified + sorted(rc["refs"]))
+            settings[cfg] = stats.settings(rc["config"], ["task"] * stratified + refs)
     varying = stats.varying_axes(settings)
     changes, warns = [], []
     for p in pairs.itertuples():
