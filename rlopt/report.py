@@ -189,17 +189,22 @@ def load_run_info(root: str | os.PathLike, keys: Sequence[str] = ("algorithm_nam
 
 def _plain(node: Any) -> Any:
     """A loaded config as dicts / lists, each interpolation resolved where it can be (``${clip_eps}``)
-    and kept as its text where it cannot (``${hydra:...}`` outside a Hydra run)."""
+    and kept as its text where it cannot; ``${hydra:...}`` always stays text (resolving it would read
+    the state of whatever Hydra app is running now, not the run's)."""
     from omegaconf import DictConfig, ListConfig
 
     if isinstance(node, (DictConfig, ListConfig)):
         keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
         out = {}
         for k in keys:
+            raw = node._get_node(k)._value()
+            if isinstance(raw, str) and "${hydra:" in raw:  # the run's Hydra state, not this process's
+                out[k] = raw
+                continue
             try:
                 v = node[k]
             except Exception:  # noqa: BLE001 - unresolvable or missing (???): its text
-                v = str(node._get_node(k)._value())
+                v = str(raw)
             out[k] = _plain(v)
         return out if isinstance(node, DictConfig) else list(out.values())
     return node
