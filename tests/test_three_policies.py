@@ -169,3 +169,12 @@ def test_staleness_zero_is_the_default_run(tmp_path):
     b = _fit(tmp_path, "num_minibatches=2", "offpolicy.staleness=0").history
     strip = [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in (a[-1], b[-1])]
     assert strip[0] == strip[1] and a[-1]["offpolicy/staleness_max"] == 0.0
+
+
+def test_sampler_logp_switch_skips_the_recording(tiny):  # noqa: F811
+    model, tok, ids, mask = tiny
+    for cls in (HFGenerate, KVCacheSampler):
+        torch.manual_seed(1)
+        ro = cls(max_new_tokens=4, sampler_logp=False).generate(model, ids, mask, 2, eos_token_id=tok.eos_token_id,
+                                                                 pad_token_id=tok.pad_token_id)
+        assert ro.sampler_logp is None and ro.completion_ids.shape[0] == 2 * len(PROMPTS)

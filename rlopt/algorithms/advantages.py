@@ -17,12 +17,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .registry import ADVANTAGES, as_float, check_range
+from .registry import ADVANTAGES, Component, as_float, check_range
 
 ReduceFn = Optional[Callable[[Tensor], Tensor]]
 
 
-class AdvantageEstimator:
+class AdvantageEstimator(Component):
     """Base class. Subclasses implement ``__call__(rewards, mask, group_size, valid, reduce_sum)``.
 
     Extra inputs: an estimator lists the inputs it needs beyond the rewards in ``needs`` (a tuple
@@ -75,12 +75,6 @@ class AdvantageEstimator:
         r = torch.where(valid.view(-1, *([1] * (rewards.dim() - 1))), r, torch.zeros((), dtype=r.dtype, device=r.device))
         return r, valid
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({inner})"
 
 
 def _group_stats(r: Tensor, v: Tensor, group_size: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .registry import AGGREGATIONS, check_range, check_shapes
+from .registry import AGGREGATIONS, Component, check_range, check_shapes
 
 
-class Aggregation:
+class Aggregation(Component):
     """Base class: ``__call__ = numerator(values, mask) / normaliser``."""
 
     def count(self, mask: Tensor) -> Tensor:
@@ -37,12 +37,6 @@ class Aggregation:
             denom = max(float(denom), 1.0)
         return self.numerator(values, m) / denom
 
-    def params(self) -> dict:
-        return dict(vars(self))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({inner})"
 
 
 @AGGREGATIONS.register("token_mean")

@@ -50,7 +50,7 @@ import math
 import torch
 from torch import Tensor
 
-from .registry import CORRECTIONS, as_float, check_range, check_shapes
+from .registry import CORRECTIONS, Component, as_float, check_range, check_shapes
 
 #: Levels at which an importance weight is taken.
 LEVELS = ("token", "sequence", "geometric")
@@ -145,7 +145,7 @@ def correction_metrics(weight: Tensor, keep: Tensor, m: Tensor, above: Tensor, b
     return {f"{prefix}/{k}": v.detach() for k, v in out.items()}
 
 
-class BehaviourCorrection:
+class BehaviourCorrection(Component):
     """Base class: ``weights(old_logp, sampler_logp, mask) -> (weight, keep, metrics)``, once per rollout.
 
     Attributes the training loop reads:
@@ -180,12 +180,6 @@ class BehaviourCorrection:
         """``(weight, keep, above, below)`` from ``x = log pi_old - log mu`` ``[N, T]``."""
         raise NotImplementedError
 
-    def params(self) -> dict:
-        return dict(vars(self))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({inner})"
 
 
 @CORRECTIONS.register("none")

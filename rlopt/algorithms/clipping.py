@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import CLIPPING, check_range
+from .registry import CLIPPING, Component, check_range
 
 #: The flags every clipping strategy returns (the contract above), in display order.
 CLIP_FLAGS = ("low", "high", "region", "cap", "outside")
@@ -28,7 +28,7 @@ CLIP_FLAGS = ("low", "high", "region", "cap", "outside")
 CLIP_MAIN_FLAGS = ("low", "high", "region")
 
 
-class ClipStrategy:
+class ClipStrategy(Component):
     """Base class for clipping strategies: ``__call__(ratio, adv, log_ratio) -> (loss_tok, flags)``.
 
     ``loss_tok`` ``[N, T]`` is minimised; ``flags`` maps every name of ``CLIP_FLAGS`` to a bool
@@ -45,12 +45,6 @@ class ClipStrategy:
 
     needs_logp = False
 
-    def params(self) -> dict:
-        return dict(vars(self))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({inner})"
 
     def _bounds(self) -> tuple[float, float]:
         lo = -float("inf") if getattr(self, "eps_low", None) is None else 1.0 - self.eps_low

@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .registry import MASKS, as_float, check_range
+from .registry import MASKS, Component, as_float, check_range
 
 GatherFn = Callable[[Tensor], Tensor]
 
@@ -95,7 +95,7 @@ def quantile(values: Tensor, q: float) -> Tensor:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-class TokenMask:
+class TokenMask(Component):
     """Base class: ``__call__(MaskInputs) -> MaskResult``.
 
     ``per_rollout``: computed once per rollout (True) or per minibatch inside the objective
@@ -134,12 +134,6 @@ class TokenMask:
         """``(keep [N, T] bool, penalty or None, flagged for the metrics or None (= ~keep), extra metrics)``."""
         raise NotImplementedError
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({inner})"
 
 
 def _masked(x: Tensor, valid: Tensor) -> Tensor:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import RATIOS, as_float, check_range, check_shapes
+from .registry import RATIOS, Component, as_float, check_range, check_shapes
 
 
-class RatioScheme:
+class RatioScheme(Component):
     """Base class. ``level`` is ``"token"`` or ``"sequence"`` (one value per completion)."""
 
     level = "token"
@@ -36,9 +36,6 @@ class RatioScheme:
         lr = self.log_ratio(lp, olp, m)  # [N, T]
         lr = lr.clamp(-self.max_log_ratio, self.max_log_ratio) * m  # [N, T]
         return torch.exp(lr), lr
-
-    def params(self) -> dict:
-        return dict(vars(self))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(max_log_ratio={self.max_log_ratio})"

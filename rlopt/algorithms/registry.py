@@ -49,6 +49,18 @@ class Registry:
         return name in self._entries
 
 
+class Component:
+    """Base of every registered component: ``params()`` (its public attributes, what its config sets)
+    and a ``repr`` that shows them."""
+
+    def params(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({inner})"
+
+
 ADVANTAGES = Registry("advantage estimator")
 RATIOS = Registry("ratio scheme")
 CLIPPING = Registry("clipping strategy")
