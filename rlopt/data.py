@@ -164,6 +164,15 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(RowsDataset(self.train_rows), batch_size=self.batch_size, sampler=sampler,
                           collate_fn=collate_rows, drop_last=True)
 
+    def batch_at(self, k: int) -> dict[str, list[Any]]:
+        """Batch ``k`` of the run on this rank, the one ``train_dataloader`` yields as its ``k``-th
+        (the asynchronous rollout worker samples it one step ahead: rollout/pipeline.py)."""
+        sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed)
+        sampler.set_epoch(k // sampler.batches_per_epoch())
+        sampler.skip_batches = k % sampler.batches_per_epoch()
+        idx = list(iter(sampler))[: self.batch_size]
+        return collate_rows([self.train_rows[i] for i in idx])
+
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:
             return []

@@ -44,6 +44,7 @@ from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars, val
 from .models import is_peft, prepare_tokenizer
 from .rewards import RewardSet
 from .rollout import Completions, HFGenerate, RolloutEngine
+from .rollout.pipeline import AsyncRollouts, CloseWorker, flat_parameters
 from .rollout.staleness import BehaviourWeights
 from .trajectory import Trajectory
 
@@ -85,6 +86,8 @@ class PolicyOptModule(L.LightningModule):
             (``offpolicy.staleness``; rollout/staleness.py); 0 = the current weights.
         dynamic_sampling: a ``DynamicSampling`` (DAPO; rollout/dynamic.py) that drops groups whose
             rewards all agree and samples more prompts of the step's batch until it is full.
+        async_rollouts: an ``AsyncRollouts`` (``offpolicy.async``; rollout/pipeline.py): a worker
+            process samples the next batch while this one updates; None samples in this process.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class PolicyOptModule(L.LightningModule):
         ref_sync_alpha: float = 0.6,
         staleness: int = 0,
         dynamic_sampling: Any = None,
+        async_rollouts: AsyncRollouts | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -157,6 +161,10 @@ class PolicyOptModule(L.LightningModule):
         if entropy_controller is not None and not self.log_entropy:
             raise ValueError("the adaptive entropy coefficient needs the token entropy: set log_entropy: true")
         self.dynamic_sampling = dynamic_sampling
+        self.pipeline = async_rollouts
+        if async_rollouts is not None and (staleness or dynamic_sampling is not None):
+            raise ValueError("offpolicy.async=true cannot be combined with offpolicy.staleness > 0 (the pipeline's lag "
+                             "is the staleness) or dynamic_sampling.enabled=true")
         self.whole_groups = bool(getattr(objective.aggregation, "requires_whole_groups", False))
         self.ref_sync_every = int(ref_sync_every)
         self.ref_sync_alpha = float(check_range("kl.ref_sync_alpha", ref_sync_alpha, low=0.0, high=1.0))
@@ -165,7 +173,8 @@ class PolicyOptModule(L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in (
             "reward_greedy", "reward_sampled", "accuracy_greedy", "accuracy_sampled")})
         self.save_hyperparameters(ignore=["policy", "tokenizer", "advantage", "objective", "rewards",
-                                          "optimizer", "scheduler", "rollout", "accuracy_fn", "entropy_controller"])
+                                          "optimizer", "scheduler", "rollout", "accuracy_fn", "entropy_controller",
+                                          "async_rollouts"])
 
     # ----------------------------------------------------------------------------- set-up
     @property
@@ -181,6 +190,9 @@ class PolicyOptModule(L.LightningModule):
         """FSDP / FSDP2: shard the policy and the frozen reference per decoder block (rlopt.distributed);
         a no-op under any other strategy. Runs before ``configure_optimizers``."""
         _dist.configure_sharding(self)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [CloseWorker(self.pipeline)] if self.pipeline is not None else []  # no worker outlives fit
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
@@ -211,6 +223,10 @@ class PolicyOptModule(L.LightningModule):
     def make_completions(self, batch: dict[str, list[Any]]) -> tuple[Completions, list[str]]:
         """``group_size`` samples per prompt (groups contiguous) and their texts. A seam: override it
         to train on given completions (tests feed a fixed batch)."""
+        if self.pipeline is not None:  # sampled by the worker during the previous step, with its weights
+            ro, self.behaviour.sampled_version = self.pipeline.completions(
+                self.global_step, batch["prompt"], flat_parameters(self.policy), self.behaviour.version)
+            return ro.to(self.device), self.decode(ro)
         ro = self.sample(batch["prompt"], self.group_size, behaviour=True)
         return ro, self.decode(ro)
 
@@ -289,7 +305,8 @@ class PolicyOptModule(L.LightningModule):
                              f"but rollout engine {type(self.rollout).__name__} returned none")
         old_ent = None
         with torch.no_grad():  # no old-log-prob pass when exactly on-policy (the update's own values) unless needed
-            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs or self.behaviour.stale.staleness:
+            if (not self.on_policy or obj.needs_old_logp_pass or "kl" in needs or self.behaviour.stale.staleness
+                    or self.pipeline is not None):
                 old_logp, old_ent = self.completion_logprobs(self.policy, ro, with_entropy=obj.needs_rollout_entropy)
             else:
                 old_logp = None  # [N, T] | None
@@ -307,6 +324,8 @@ class PolicyOptModule(L.LightningModule):
                           policy_version=self.behaviour.sampled_version,
                           staleness=self.behaviour.version - self.behaviour.sampled_version)
         traj.rollout_metrics.update(dyn)
+        if self.pipeline is not None:
+            traj.rollout_metrics["perf/worker_sample_s"] = torch.tensor(self.pipeline.gen_seconds)
         if obj.has_rollout_weights:
             rw = obj.rollout_weights(mask, old_logp=old_logp, sampler_logp=mu, advantages=adv, entropy=old_ent,
                                      truncated=ro.truncated, gather=ranks.gather_cat)
@@ -401,7 +420,8 @@ class PolicyOptModule(L.LightningModule):
     # ----------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history),
-                               "behaviour": self.behaviour.state_dict()}
+                               "behaviour": self.behaviour.state_dict(),
+                               "async": self.pipeline.state_dict() if self.pipeline is not None else {}}
         for name in ("advantage", "entropy_controller", "dynamic_sampling"):  # state across steps
             part = getattr(self, name)
             if hasattr(part, "state_dict"):
@@ -412,6 +432,8 @@ class PolicyOptModule(L.LightningModule):
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.history = list(state.get("history", []))
         self.behaviour.load_state_dict(state.get("behaviour", {}), self.device)
+        if self.pipeline is not None:
+            self.pipeline.load_state_dict(state.get("async", {}))
         for name in ("advantage", "entropy_controller", "dynamic_sampling"):
             part = getattr(self, name)
             if name in state and hasattr(part, "load_state_dict"):
@@ -427,6 +449,22 @@ class PolicyOptModule(L.LightningModule):
         self.behaviour.start(self.policy)  # stale sampling: the initial weights are version 0
         limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
         check_prompts_fit(getattr(self.trainer, "datamodule", None), self.tokenizer, limit, self.rollout.max_new_tokens)
+        if self.pipeline is not None:
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        """Spawn the rollout worker (rollout/pipeline.py); it reads batch k from the data module."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if not hasattr(dm, "batch_at"):
+            raise ValueError("offpolicy.async=true needs a data module whose batch k is a function of (seed, k) "
+                             "(PromptDataModule.batch_at)")
+        if _dist.is_sharded(self.policy):
+            raise ValueError("offpolicy.async=true needs unsharded weights (DDP); FSDP is not supported yet "
+                             "(docs/off-policy.md)")
+        last = self.trainer.max_steps - 1 if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        self.pipeline.start(self.policy, self.rollout, self.group_size, self.tokenizer.eos_token_id,
+                            self.tokenizer.pad_token_id, lambda k: dm.batch_at(k)["prompt"], self.encode_prompts,
+                            lambda k: ranks.mix_seed(self.seed, k, self.global_rank), last)
 
     # ----------------------------------------------------------------------------- export
     def export(self, path: str) -> str:

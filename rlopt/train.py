@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,7 @@ from .data import PromptDataModule
 from .module import PolicyOptModule
 from .resources import config_dir, sweeps_dir
 from .rollout.dynamic import DynamicSampling
+from .rollout.pipeline import AsyncRollouts
 from .rewards import RewardSet
 from .warmup import supervised_warmup
 
@@ -69,6 +71,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         ref_sync_every=int(cfg.kl.get("ref_sync_every") or 0), ref_sync_alpha=float(cfg.kl.get("ref_sync_alpha", 0.6)),
         staleness=int(OmegaConf.select(cfg, "offpolicy.staleness", default=0) or 0),
         dynamic_sampling=dynamic,
+        async_rollouts=async_rollouts(cfg.get("offpolicy") or {}),
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -76,6 +79,16 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         callbacks.append(RewardProgressBar())
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     return module, dm, trainer
+
+
+def async_rollouts(off: Any) -> AsyncRollouts | None:
+    """``offpolicy.async``: the rollout worker (rollout/pipeline.py); ``offpolicy.trainer_threads``
+    sets this process's torch threads (the worker has ``offpolicy.worker_threads`` of its own)."""
+    if not off.get("async"):
+        return None
+    if off.get("trainer_threads"):
+        torch.set_num_threads(int(off.trainer_threads))
+    return AsyncRollouts(max_lag=int(off.get("max_lag", 1)), worker_threads=int(off.get("worker_threads", 1)))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -86,6 +99,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             line += f" | dynamic_sampling(max_gen_batches={module.dynamic_sampling.max_gen_batches})"
         if module.behaviour.stale.staleness:
             line += f" | staleness={module.behaviour.stale.staleness}"
+        if module.pipeline is not None:
+            line += f" | async(max_lag={module.pipeline.max_lag}, worker_threads={module.pipeline.worker_threads})"
         print(line)
     if cfg.get("validate_before") and not cfg.get("ckpt_path"):
         before = trainer.validate(module, datamodule=dm, verbose=False)

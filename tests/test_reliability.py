@@ -23,6 +23,8 @@ from rlopt.rollout import HFGenerate
 from rlopt.tasks import ReverseTask
 from rlopt.tiny import build_tiny
 
+from .test_async import _alive, children
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
 TRAIN_ARGS = ["debug=default", "steps=40", "val_every=1000", "checkpoint_every=1", "logger=none",
@@ -43,7 +45,8 @@ def _comparable(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in history]
 
 
-@pytest.mark.parametrize("extra", [(), ("offpolicy.staleness=2", "num_minibatches=2")], ids=["default", "stale"])
+@pytest.mark.parametrize("extra", [(), ("offpolicy.staleness=2", "num_minibatches=2"),
+                                   ("offpolicy.async=true", "num_minibatches=2")], ids=["default", "stale", "async"])
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, extra):
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
     ref = _train(ref_dir, *extra)
@@ -56,8 +59,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, extra):
             break
         time.sleep(0.05)
     assert cut.poll() is None, "the run ended before it could be killed:\n" + cut.stdout.read()
+    workers = children(cut.pid)  # offpolicy.async: its rollout worker
+    assert len(workers) == ("offpolicy.async=true" in extra)
     cut.send_signal(signal.SIGKILL)
     cut.wait()
+    gone = time.time() + 10  # an orphaned worker notices its parent is gone and exits
+    while time.time() < gone and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "the rollout worker outlived its killed trainer"
     killed_at = _state(os.path.join(ckdir, "last.ckpt"))["global_step"]
     print("killed at step", killed_at, sorted(os.listdir(ckdir)))
     assert 3 <= killed_at < 40

@@ -44,6 +44,11 @@ class Completions:
     def attention_mask(self) -> Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)  # [N, P+T]
 
+    def to(self, device: torch.device | str) -> "Completions":
+        return Completions(*(None if t is None else t.to(device) for t in (
+            self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask, self.truncated,
+            self.sampler_logp)))
+
     def select(self, idx: Tensor) -> "Completions":
         return Completions(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                            self.completion_mask[idx], self.truncated[idx],

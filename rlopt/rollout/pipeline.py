@@ -1,0 +1,204 @@
+"""Asynchronous rollouts: a worker process samples the next batch while the trainer updates.
+
+    pipe = AsyncRollouts(max_lag=1, worker_threads=1)             # offpolicy.async=true
+    pipe.start(policy, engine, group_size, eos, pad, prompts_at, encode, seed_at, last_step)
+    ro, version = pipe.completions(step, prompts, flat_weights, version)   # once per rollout step
+    pipe.close()                                                  # CloseWorker does it on end / error
+
+At rollout step ``t`` the trainer sends the worker its current weights (one flat tensor, through
+shared memory), asks it for the batch of step ``t + 1`` (``prompts_at(t + 1)``: the data module's
+batch ``k`` is a function of ``(seed, k)``), and only then waits for batch ``t``, which the worker
+sampled during step ``t - 1``: generation of one batch overlaps the update on the previous one.
+
+- ``max_lag=1`` (deterministic): batch ``t`` is sampled with exactly the weights of the start of
+  step ``t - 1`` and the sampling seed ``seed_at(t)``: the run is the synchronous run with
+  ``offpolicy.staleness`` = optimizer updates per rollout step, bit for bit (same thread count),
+  and a resumed run continues it exactly (``state_dict`` holds the weights of the batch in flight).
+- ``max_lag=L > 1`` (free-running): up to ``L`` batches are queued ahead; the worker samples each
+  with the newest weights it has received when it starts it, so a batch is 1 to ``L`` steps stale
+  depending on timing (logged per step as ``offpolicy/staleness_*``; not reproducible bit for bit).
+
+The engine contract (a remote inference server can take the worker's place): docs/off-policy.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+from collections import deque
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..algorithms.registry import check_range
+from .base import Completions
+from .worker import POLL_S, serve
+
+
+class RolloutWorkerError(RuntimeError):
+    """The rollout worker died or failed; the message names it and the rollout step."""
+
+
+def flat_parameters(model: torch.nn.Module) -> Tensor:
+    """The model's parameters as one new flat tensor (``parameters_to_vector`` order), full tensors
+    of FSDP2's sharded DTensors gathered (a collective: every rank calls it)."""
+    parts = []
+    for p in model.parameters():
+        full = getattr(p, "full_tensor", None)
+        parts.append((full() if full is not None else p).detach().reshape(-1))
+    return torch.cat(parts)  # [P]
+
+
+class AsyncRollouts:
+    def __init__(self, max_lag: int = 1, worker_threads: int = 1, name: str = "rollout-worker") -> None:
+        self.max_lag = int(check_range("offpolicy.max_lag", max_lag, low=1))
+        self.worker_threads = int(check_range("offpolicy.worker_threads", worker_threads, low=1))
+        self.name = name
+        self.process: Any = None
+        self.inflight: deque[int] = deque()  # steps asked for and not yet received, in order
+        self.prompts: dict[int, list[str]] = {}  # the prompts of each step asked for (checked on receipt)
+        self.sent: dict[int, Tensor] = {}  # weights sent and possibly not yet loaded (kept alive meanwhile)
+        self.resume: tuple[int, int, Tensor] | None = None  # (key, version, flat) of the batch in flight
+        self.next_step = 0  # free-running: the next step to ask for
+        self.gen_seconds = 0.0  # the worker's sampling time of the latest batch received
+
+    @property
+    def deterministic(self) -> bool:
+        return self.max_lag == 1
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def start(self, policy: torch.nn.Module, engine: Any, group_size: int, eos_token_id: Any, pad_token_id: int,
+              prompts_at: Callable[[int], list[str]], encode: Callable[[list[str]], tuple[Tensor, Tensor]],
+              seed_at: Callable[[int], int], last_step: int | None) -> None:
+        """Spawn the worker with a copy of ``policy`` (in ``engine.dtype`` when set)."""
+        self.close()
+        self.group_size, self.prompts_at, self.encode, self.seed_at = int(group_size), prompts_at, encode, seed_at
+        self.last_step = last_step
+        model = copy.deepcopy(policy).requires_grad_(False)
+        if getattr(engine, "dtype", None) is not None:
+            model.to(getattr(torch, engine.dtype))
+        ctx = torch.multiprocessing.get_context("spawn")  # fork is unsafe with OpenMP / CUDA already running
+        self.jobs, self.weights, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=serve, name=self.name, daemon=True, args=(
+            model, engine, eos_token_id, pad_token_id, self.worker_threads, self.jobs, self.weights, self.results,
+            os.getpid()))
+        self.process.start()
+        self.inflight.clear()
+        self.prompts.clear()
+        self.sent.clear()
+        self.next_step = 0
+
+    def close(self) -> None:
+        """Stop the worker (asked, then terminated, then killed) and release the queues; idempotent."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        try:
+            self.jobs.put(None)
+            proc.join(timeout=5)
+        finally:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            for q in (self.jobs, self.weights, self.results):
+                q.cancel_join_thread()  # never block interpreter exit on unsent tensors
+                q.close()
+            self.inflight.clear()
+            self.sent.clear()
+
+    # ------------------------------------------------------------------------------- one step
+    def completions(self, step: int, prompts: list[str], weights: Tensor, version: int
+                    ) -> tuple[Completions, int]:
+        """The batch of rollout ``step`` (whose prompts must be ``prompts``) and the version of the
+        weights that sampled it; first hands the worker ``weights`` (version ``version``, the
+        trainer's now) and the next batch(es) to sample."""
+        if self.process is None:
+            raise RolloutWorkerError(f"{self.name} is not running (start() it before rollout step {step})")
+        if self.deterministic:
+            if not self.inflight:  # first step of this process: the batch of `step` was never asked for
+                key, ver, flat = self.resume if self.resume is not None else (step - 1, version, weights)
+                self._send_weights(key, ver, flat)
+                self._ask(step, want=key)
+            if self.last_step is None or step + 1 <= self.last_step:
+                self._send_weights(step, version, weights)
+                self._ask(step + 1, want=step)
+                self.resume = (step, version, weights)
+        else:
+            self._send_weights(step, version, weights)
+            self.next_step = max(self.next_step, step)
+            while self.next_step <= step + self.max_lag and (self.last_step is None or self.next_step <= self.last_step):
+                self._ask(self.next_step, want=None)
+                self.next_step += 1
+        return self._receive(step, prompts)
+
+    def _send_weights(self, key: int, version: int, flat: Tensor) -> None:
+        self.sent[key] = flat
+        self.weights.put((key, int(version), flat))
+
+    def _ask(self, step: int, want: int | None) -> None:
+        prompts = list(self.prompts_at(step))
+        ids, mask = self.encode(prompts)
+        self.prompts[step] = prompts
+        self.jobs.put((step, ids.cpu(), mask.cpu(), self.group_size, int(self.seed_at(step)), want))
+        self.inflight.append(step)
+
+    def _receive(self, step: int, prompts: list[str]) -> tuple[Completions, int]:
+        if not self.inflight or self.inflight[0] != step:
+            raise RuntimeError(f"{self.name}: rollout step {step} was not asked for (in flight: {list(self.inflight)})")
+        while True:
+            try:
+                msg = self.results.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise self._died(step) from None
+            except (ConnectionError, EOFError, OSError) as e:  # its tensors' handles died with it
+                self.process.join(timeout=POLL_S)
+                raise self._died(step) from e
+        if msg[0] == "error":
+            raise RolloutWorkerError(f"{self.name} failed while sampling the batch of rollout step {msg[1]}:\n{msg[2]}")
+        _, got, key, version, out, seconds = msg
+        self.inflight.popleft()
+        asked = self.prompts.pop(got)
+        if got != step or asked != list(prompts):
+            raise RuntimeError(f"{self.name}: the batch of rollout step {step} differs from the one the worker sampled "
+                               "(the data module's batch k must be a function of (seed, k): PromptDataModule.batch_at)")
+        for k in [k for k in self.sent if k < key]:  # loaded (or skipped) by the worker: release
+            del self.sent[k]
+        self.gen_seconds = float(seconds)
+        return out, int(version)
+
+    def _died(self, step: int) -> RolloutWorkerError:
+        return RolloutWorkerError(f"{self.name} (pid {self.process.pid}) died with exit code {self.process.exitcode} "
+                                  f"before handing over the batch of rollout step {step}")
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The weights of the batch in flight (deterministic mode), so a resumed run samples it again."""
+        if not self.deterministic or self.resume is None:
+            return {}
+        key, version, flat = self.resume
+        return {"key": key, "version": version, "weights": flat.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.resume = (int(state["key"]), int(state["version"]), state["weights"])
+
+
+class CloseWorker(L.Callback):
+    """Stops the rollout worker when fit ends, fails or is interrupted (the module adds it)."""
+
+    def __init__(self, pipeline: AsyncRollouts) -> None:
+        self.pipeline = pipeline
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.pipeline.close()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.pipeline.close()

@@ -1,0 +1,106 @@
+"""The rollout worker: a process that only samples (the other half of rollout/pipeline.py).
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=serve, args=(model, engine, eos, pad, threads, jobs, weights, results, os.getpid()))
+
+It owns a copy of the policy (in ``rollout.dtype`` when set) and its own thread budget, and
+answers three kinds of message, all through ``torch.multiprocessing`` queues (tensors travel as
+shared-memory handles, not copies through a pipe):
+
+- ``weights`` queue: ``(key, version, flat)``: the policy's parameters as one flat tensor, sent
+  by the trainer at the start of rollout step ``key`` (``version`` = optimizer updates applied);
+- ``jobs`` queue: ``(step, prompt_ids, prompt_mask, num_samples, seed, want)``: sample the batch
+  of rollout step ``step`` with the global torch seed set to ``seed``, using exactly the weights
+  sent under key ``want`` (the deterministic mode) or, when ``want`` is None, the newest weights
+  received (the free-running mode); ``None`` stops the worker;
+- ``results`` queue (answers): ``("done", step, key, version, Completions, seconds)`` or
+  ``("error", step, traceback)``.
+
+It ignores SIGINT (the trainer handles Ctrl+C and stops it) and exits by itself within a second
+of its parent disappearing (a trainer killed with SIGKILL cannot stop it), so no worker outlives
+its run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+import traceback
+from typing import Any
+
+import torch
+from torch import Tensor
+
+POLL_S = 0.5  # how often a waiting worker checks that its parent is still alive
+
+
+@torch.no_grad()
+def load_flat_(params: list[Tensor], flat: Tensor) -> None:
+    """Copy a flat parameter vector (``torch.nn.utils.parameters_to_vector`` order) into ``params``,
+    converting to each parameter's dtype (``copy_``, as ``BehaviourCopy.refresh`` does)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"weights of {flat.numel()} values for a model of {offset} parameters")
+
+
+def _get(q: Any, parent: int) -> Any:
+    """``q.get()``, but return ``None`` (stop) once the parent process is gone."""
+    while True:
+        try:
+            return q.get(timeout=POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
+def serve(model: torch.nn.Module, engine: Any, eos_token_id: Any, pad_token_id: int, threads: int,
+          jobs: Any, weights: Any, results: Any, parent: int) -> None:
+    """The worker's main loop (runs in the spawned process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(int(threads))
+    model.eval().requires_grad_(False)
+    params = list(model.parameters())
+    key, version = None, None  # the weights loaded now
+    while True:
+        job = _get(jobs, parent)
+        if job is None:
+            return
+        step, prompt_ids, prompt_mask, num_samples, seed, want = job
+        try:
+            newest = None
+            if want is not None:  # deterministic: exactly the weights sent under key `want`
+                while key != want:
+                    msg = _get(weights, parent)
+                    if msg is None:
+                        return
+                    if msg[0] == want:
+                        newest = msg
+                        key = want
+            else:  # free-running: the newest weights sent so far
+                if key is None:  # none loaded yet: wait for the first message
+                    newest = _get(weights, parent)
+                    if newest is None:
+                        return
+                while True:
+                    try:
+                        newest = weights.get_nowait()
+                    except queue.Empty:
+                        break
+            if newest is not None:
+                key, version, flat = newest
+                load_flat_(params, flat)
+                del flat, newest
+            torch.manual_seed(int(seed))
+            t0 = time.perf_counter()
+            out = engine.generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id)
+            results.put(("done", step, key, version, out, time.perf_counter() - t0))
+        except BaseException:  # noqa: BLE001 - reported to the trainer, which raises it with the step
+            results.put(("error", step, traceback.format_exc()))
+            return

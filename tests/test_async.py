@@ -1,0 +1,183 @@
+"""The asynchronous rollout pipeline (rlopt/rollout/pipeline.py, worker.py): bit-for-bit equal to
+synchronous staleness in its deterministic mode, a free-running mode, and no worker left behind
+or waited on forever when the run ends, fails, is interrupted or the worker dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from rlopt.data import PromptDataModule, TaskSource
+from rlopt.rollout.pipeline import RolloutWorkerError
+from rlopt.tasks import ReverseTask
+
+from .conftest import compose_train, fit
+
+SMALL = ("steps=4", "group_size=2", "data.batch_size=4")
+
+
+def _fit(tmp_path, *overrides, callbacks=()):
+    cfg = compose_train(tmp_path, [*SMALL, *overrides])
+    return fit(cfg, callbacks=list(callbacks))
+
+
+def _comparable(history):
+    return [{k: v for k, v in h.items() if not k.startswith("perf/")} for h in history]
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a reaped or exited worker is not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Live worker processes spawned by ``pid`` (from /proc; multiprocessing's resource tracker,
+    which lives as long as its parent, is not one)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().split(")")[-1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z" and "spawn_main" in _cmdline(int(d)):
+                out.append(int(d))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# updates per rollout step u: the async batch t is sampled with the weights of the start of step
+# t-1, i.e. u updates behind the policy that trains on it: synchronous staleness u
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_async_lag_one_equals_synchronous_staleness_bit_for_bit(tmp_path, minibatches):
+    sync, _, _ = _fit(tmp_path / "sync", f"num_minibatches={minibatches}", f"offpolicy.staleness={minibatches}")
+    asyn, _, _ = _fit(tmp_path / "async", f"num_minibatches={minibatches}", "offpolicy.async=true")
+    assert [h["offpolicy/staleness_max"] for h in asyn.history] == [0.0] + [float(minibatches)] * 3
+    assert _comparable(sync.history) == _comparable(asyn.history)
+    for (name, p), q in zip(sync.policy.named_parameters(), asyn.policy.parameters()):
+        assert torch.equal(p, q), name
+    assert asyn.pipeline.process is None  # stopped at the end of fit
+    assert asyn.history[-1]["perf/worker_sample_s"] > 0
+
+
+def test_free_running_queue_stays_within_its_bound(tmp_path):
+    module, _, trainer = _fit(tmp_path, "steps=6", "num_minibatches=1", "offpolicy.async=true", "offpolicy.max_lag=3")
+    stale = [h["offpolicy/staleness_max"] for h in module.history]
+    assert trainer.global_step == 6 and stale[0] == 0.0
+    assert all(0 <= s <= 3 for s in stale), stale  # 1 update per step: staleness in steps = in updates
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_batch_at_is_the_loaders_kth_batch_across_epochs():
+    dm = PromptDataModule(TaskSource(ReverseTask(), size=20), batch_size=6, seed=3)  # 3 batches an epoch
+    dm.setup()
+    seen = []
+    for epoch in range(2):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        seen += [b["prompt"] for b in loader]
+    assert len(seen) == 6 and seen[0] != seen[3]
+    assert [dm.batch_at(k)["prompt"] for k in range(6)] == seen
+
+
+class KillWorker(L.Callback):
+    """SIGKILLs the rollout worker after rollout step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.pid = at, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at + 1:
+            self.pid = pl_module.pipeline.process.pid
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def test_a_dead_worker_is_an_error_naming_it_and_the_step(tmp_path):
+    killer = KillWorker(at=1)
+    t0 = time.perf_counter()
+    with pytest.raises(RolloutWorkerError, match=r"rollout-worker \(pid \d+\) died with exit code -9 before handing "
+                                                 r"over the batch of rollout step 2"):
+        _fit(tmp_path, "offpolicy.async=true", callbacks=[killer])
+    assert time.perf_counter() - t0 < 120
+    assert not _alive(killer.pid) and not children(os.getpid())
+
+
+class FailingEngine:
+    """A rollout engine that raises on its third batch (pickled into the worker)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, 0
+        self.dtype, self.temperature, self.max_new_tokens = engine.dtype, engine.temperature, engine.max_new_tokens
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 3:
+            raise ValueError("the inference server is gone")
+        return self.engine.generate(*args, **kwargs)
+
+
+def test_an_error_in_the_worker_reaches_the_trainer_with_its_step(tmp_path, monkeypatch):
+    from rlopt.rollout import pipeline
+
+    real_start = pipeline.AsyncRollouts.start
+
+    def start(self, policy, engine, *args):
+        return real_start(self, policy, FailingEngine(engine), *args)
+
+    monkeypatch.setattr(pipeline.AsyncRollouts, "start", start)
+    with pytest.raises(RolloutWorkerError, match=r"(?s)failed while sampling the batch of rollout step 2.*"
+                                                 r"the inference server is gone"):
+        _fit(tmp_path, "offpolicy.async=true")
+    assert not children(os.getpid())
+
+
+class Stop(L.Callback):
+    """Raises ``error`` after rollout step 1, recording the worker's pid first."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.pid = error, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.pid = pl_module.pipeline.process.pid
+        if self.error is not None and trainer.global_step == 2:
+            raise self.error
+
+
+@pytest.mark.parametrize("how", ["ends", "fails", "interrupted"])
+def test_no_worker_is_left_behind(tmp_path, how):
+    probe = Stop(RuntimeError("a bug in a callback") if how == "fails" else KeyboardInterrupt())
+    if how == "ends":
+        probe.error = None
+        _fit(tmp_path, "offpolicy.async=true", callbacks=[probe])
+    elif how == "fails":
+        with pytest.raises(RuntimeError, match="a bug in a callback"):
+            _fit(tmp_path, "offpolicy.async=true", callbacks=[probe])
+    else:  # Lightning turns Ctrl+C into a graceful shutdown and sys.exit(1)
+        with pytest.raises(SystemExit):
+            _fit(tmp_path, "offpolicy.async=true", callbacks=[probe])
+    assert probe.pid is not None and not _alive(probe.pid)
+    assert not children(os.getpid())
+
+
+def test_async_refuses_what_it_cannot_combine(tmp_path):
+    with pytest.raises(ValueError, match="offpolicy.async=true cannot be combined with offpolicy.staleness"):
+        _fit(tmp_path, "offpolicy.async=true", "offpolicy.staleness=1")
+    with pytest.raises(ValueError, match="offpolicy.max_lag"):
+        _fit(tmp_path, "offpolicy.async=true", "offpolicy.max_lag=0")
