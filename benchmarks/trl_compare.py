@@ -98,7 +98,10 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak RSS of this process plus the largest of its finished children (rlopt_async's rollout
+    worker, joined at the end of fit): the two peaks need not coincide, so an upper bound."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024  # KiB on Linux
 
 
 def _task(size: str):
@@ -202,6 +205,11 @@ def worker_rlopt(a) -> dict:
         rec.record(out, sum(completion_lengths), sum(n_tokens(p) for p in prompts))
         return out
 
+    pipeline = None
+    if a.worker == "rlopt_async":  # generation in a worker process with its own threads, one batch ahead
+        from rlopt.rollout.pipeline import AsyncRollouts
+
+        pipeline = AsyncRollouts(max_lag=1, worker_threads=a.worker_threads)
     engine_cls = KVCacheSampler if a.rlopt_rollout == "lean" else HFGenerate
     engine = engine_cls(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=spec["max_new_tokens"])
     ratio = TokenRatio() if algo["ratio"] == "token" else SequenceRatio()
@@ -212,7 +220,7 @@ def worker_rlopt(a) -> dict:
                              optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), eps=1e-8,
                                                                     weight_decay=0.0),
                              rollout=engine, group_size=spec["group"], max_grad_norm=1.0, log_samples_every=0,
-                             micro_batch_size=spec["micro"], seed=a.seed)
+                             micro_batch_size=spec["micro"], seed=a.seed, async_rollouts=pipeline)
     dm = PromptDataModule(TaskSource(_task(a.size), size=4000, seed=a.seed), batch_size=spec["batch"], seed=a.seed)
     times: list[float] = []
 
@@ -333,12 +341,18 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
+def threads_of(framework: str, a) -> int:
+    return a.trl_threads if framework == "trl" and a.trl_threads else a.threads
+
+
 def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str, a) -> dict:
+    threads = threads_of(framework, a)
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--size", size, "--algo", algo,
-           "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(a.threads),
+           "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(threads),
+           "--worker-threads", str(a.worker_threads),
            "--seed", str(a.seed), "--rlopt-rollout", a.rlopt_rollout] + (["--profile"] if a.profile else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+               OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -381,16 +395,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per worker (1: on a shared 2-core machine two OpenMP threads "
                          "spin-waiting on each other measured several times slower, for both frameworks)")
+    ap.add_argument("--trl-threads", type=int, default=None, help="TRL's torch threads (default: --threads)")
+    ap.add_argument("--worker-threads", type=int, default=1,
+                    help="rlopt_async: the rollout worker's torch threads (the trainer has --threads)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="run each worker this many times; report the median")
     ap.add_argument("--rlopt-rollout", choices=["lean", "hf"], default="lean",
                     help="rlopt's rollout engine: lean (KVCacheSampler) or hf (model.generate)")
     ap.add_argument("--trl-venv", default=DEFAULT_VENV)
-    ap.add_argument("--frameworks", default="rlopt,trl")
+    ap.add_argument("--frameworks", default="rlopt,trl",
+                    help="any of rlopt, rlopt_async (offpolicy.async: a rollout worker process), trl")
     ap.add_argument("--profile", action="store_true", help="torch profiler table of each worker (stderr)")
     ap.add_argument("--json", default=None, help="also write all results to this file")
     # worker mode (internal)
-    ap.add_argument("--worker", choices=["rlopt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["rlopt", "rlopt_async", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--algo", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -398,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     if a.worker:
-        res = (worker_rlopt if a.worker == "rlopt" else worker_trl)(a)
+        res = (worker_trl if a.worker == "trl" else worker_rlopt)(a)
         res["peak_rss"] = _peak_rss_mb()
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -406,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     a.steps_for = {"tiny": a.steps_tiny, "small": a.steps_small}
     sizes, algos = a.sizes.split(","), a.algos.split(",")
     frameworks = a.frameworks.split(",")
-    pythons = {"rlopt": sys.executable}
+    pythons = {"rlopt": sys.executable, "rlopt_async": sys.executable}
     if "trl" in frameworks:
         pythons["trl"] = ensure_trl_venv(a.trl_venv)
     ceiling = matmul_gflops(a.threads)
@@ -444,18 +462,23 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n## rlopt ({a.rlopt_rollout} rollout) vs TRL {TRL_VERSION}: {a.threads} threads, ceiling {ceiling:.1f} "
           f"GFLOP/s; total {time.perf_counter() - t_start:.0f}s\n")
-    if set(frameworks) >= {"rlopt", "trl"}:
-        print("| size | algo | steps | rlopt samples/s | TRL samples/s | ratio | rlopt tok/s | TRL tok/s "
-              "| rlopt peak RSS MB | TRL peak RSS MB | rlopt reward (first->last 5 steps) | TRL reward "
-              "| rlopt % ceiling | TRL % ceiling |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    variants = [fw for fw in ("rlopt", "rlopt_async") if fw in frameworks]
+    if "trl" in frameworks and variants:
+        print("| size | algo | steps | rlopt variant (threads) | rlopt samples/s | TRL samples/s (threads) | ratio "
+              "| rlopt tok/s | TRL tok/s | rlopt peak RSS MB | TRL peak RSS MB | rlopt reward (first->last 5 steps) "
+              "| TRL reward | rlopt % ceiling | TRL % ceiling |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
-            o, t = r["rlopt"], r["trl"]
-            print(f"| {r['size']} | {r['algo']} | {a.steps_for[r['size']]} | {o['samples_s']:.2f} | {t['samples_s']:.2f} "
-                  f"| **{o['samples_s'] / t['samples_s']:.2f}x** | {o['tokens_s']:.0f} | {t['tokens_s']:.0f} "
-                  f"| {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
-                  f"| {o['reward_first']:.3f} -> {o['reward_last']:.3f} | {t['reward_first']:.3f} -> {t['reward_last']:.3f} "
-                  f"| {100 * o['ceiling_frac']:.1f}% | {100 * t['ceiling_frac']:.1f}% |")
+            t = r["trl"]
+            for fw in variants:
+                o = r[fw]
+                label = (f"async ({a.threads} trainer + {a.worker_threads} worker)" if fw == "rlopt_async"
+                         else f"sync ({a.threads})")
+                print(f"| {r['size']} | {r['algo']} | {a.steps_for[r['size']]} | {label} | {o['samples_s']:.2f} "
+                      f"| {t['samples_s']:.2f} ({threads_of('trl', a)}) | **{o['samples_s'] / t['samples_s']:.2f}x** "
+                      f"| {o['tokens_s']:.0f} | {t['tokens_s']:.0f} | {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
+                      f"| {o['reward_first']:.3f} -> {o['reward_last']:.3f} | {t['reward_first']:.3f} -> "
+                      f"{t['reward_last']:.3f} | {100 * o['ceiling_frac']:.1f}% | {100 * t['ceiling_frac']:.1f}% |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(ceiling_gflops=ceiling, threads=a.threads, results=results), f, indent=1)

@@ -183,7 +183,8 @@ class PolicyOptModule(L.LightningModule):
 
     @property
     def on_policy(self) -> bool:
-        """One update per rollout: the sampling policy is the updated one, ratio == 1 exactly."""
+        """One update per rollout: pi_old is the policy being updated, so its log-probs are the
+        update's own (ratio 1); the sampler mu may still differ (stale weights, another dtype)."""
         return self.ppo_epochs == 1 and self.num_minibatches == 1
 
     def configure_model(self) -> None:
@@ -305,8 +306,7 @@ class PolicyOptModule(L.LightningModule):
                              f"but rollout engine {type(self.rollout).__name__} returned none")
         old_ent = None
         with torch.no_grad():  # no old-log-prob pass when exactly on-policy (the update's own values) unless needed
-            if (not self.on_policy or obj.needs_old_logp_pass or "kl" in needs or self.behaviour.stale.staleness
-                    or self.pipeline is not None):
+            if not self.on_policy or obj.needs_old_logp_pass or "kl" in needs:
                 old_logp, old_ent = self.completion_logprobs(self.policy, ro, with_entropy=obj.needs_rollout_entropy)
             else:
                 old_logp = None  # [N, T] | None

@@ -29,9 +29,9 @@ from .console import RewardProgressBar, algorithm_line, quiet_libraries
 from .data import PromptDataModule
 from .module import PolicyOptModule
 from .resources import config_dir, sweeps_dir
+from .rewards import RewardSet
 from .rollout.dynamic import DynamicSampling
 from .rollout.pipeline import AsyncRollouts
-from .rewards import RewardSet
 from .warmup import supervised_warmup
 
 log = logging.getLogger("rlopt")

@@ -166,11 +166,11 @@ def fit_fixed(cfg) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- scenarios
-def train(out: Path, trainer: str, algorithm: str, extra: list[str] = ()) -> dict[str, Any]:
+def train(out: Path, trainer: str, algorithm: str, extra: list[str] = (), name: str | None = None) -> dict[str, Any]:
     """``rlopt.train.run`` of a composed config (what ``rlopt-train trainer=... algorithm=...`` does)."""
     from rlopt.train import run
 
-    name = f"train_{trainer}_{algorithm}"
+    name = name or f"train_{trainer}_{algorithm}"
     cfg = compose(out, name, [f"trainer={trainer}", f"algorithm={algorithm}", HASH_REWARD, *SMALL_TASK,
                               "callbacks=default", PROBE, *extra])
     summary = run(cfg)
@@ -259,6 +259,9 @@ SCENARIOS = {
     "train_fsdp2_grpo": lambda out: train(out, "fsdp2", "grpo", ["checkpoint_every=1",
                                                                   f"export_dir={out / 'train_fsdp2_grpo' / 'policy'}"]),
     "train_fsdp2_gspo": lambda out: train(out, "fsdp2", "gspo", ["export_dir=null"]),
+    # offpolicy.async: one rollout worker per rank, each sampling its rank's prompts one step ahead
+    "train_ddp_async": lambda out: train(out, "ddp", "grpo", ["export_dir=null", "offpolicy.async=true"],
+                                         name="train_ddp_async"),
     "resume_fsdp2": resume,
     "generate_fsdp2": generate,
     **{f"exact_{t}_{n}": (lambda out, t=t, n=n: exact(out, t, n)) for t in ("ddp", "fsdp2") for n in EXACT},

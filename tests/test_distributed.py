@@ -105,6 +105,15 @@ def test_trains_two_steps(runs, trainer, algorithm):
     assert "val/reward_greedy" in res["summary"]["val"]
 
 
+def test_ddp_with_asynchronous_rollouts(runs):
+    # each rank's worker samples the rank's share of batch t+1 during step t: step 1 trains on data
+    # sampled before step 0's updates (num_minibatches=4 of the default: 4 updates stale)
+    res = runs.get("train_ddp_async")
+    assert res["end_step"] == 2 and _changed(res)
+    assert [h["offpolicy/staleness_max"] for h in res["history"]] == [0.0, 4.0]
+    assert all(math.isfinite(v) for h in res["history"] for v in h.values())
+
+
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
 def test_export_is_a_consolidated_policy(runs, trainer):
     from transformers import AutoModelForCausalLM
