@@ -213,14 +213,16 @@ def worker_rlopt(a) -> dict:
     engine_cls = KVCacheSampler if a.rlopt_rollout == "lean" else HFGenerate
     engine = engine_cls(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=spec["max_new_tokens"])
     ratio = TokenRatio() if algo["ratio"] == "token" else SequenceRatio()
-    objective = PolicyObjective(ratio, PPOClip(algo["eps_low"], algo["eps_high"]), SeqMeanTokenMean())
+    objective = PolicyObjective(ratio, PPOClip(algo["eps_low"], algo["eps_high"]), SeqMeanTokenMean(),
+                                correction=a.rlopt_correction if a.worker != "trl" else None)
     lr = spec["lr"]
     module = PolicyOptModule(model, tok, GroupBaseline(scale="group", std="unbiased", eps=1e-4), objective,
                              RewardSet({"match": reward}),
                              optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), eps=1e-8,
                                                                     weight_decay=0.0),
                              rollout=engine, group_size=spec["group"], max_grad_norm=1.0, log_samples_every=0,
-                             micro_batch_size=spec["micro"], seed=a.seed, async_rollouts=pipeline)
+                             micro_batch_size=spec["micro"], seed=a.seed, async_rollouts=pipeline,
+                             staleness=a.rlopt_staleness if a.worker == "rlopt" else 0)
     dm = PromptDataModule(TaskSource(_task(a.size), size=4000, seed=a.seed), batch_size=spec["batch"], seed=a.seed)
     times: list[float] = []
 
@@ -349,7 +351,8 @@ def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str
     threads = threads_of(framework, a)
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--size", size, "--algo", algo,
            "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(threads),
-           "--worker-threads", str(a.worker_threads),
+           "--worker-threads", str(a.worker_threads), "--rlopt-staleness", str(a.rlopt_staleness),
+           "--rlopt-correction", a.rlopt_correction,
            "--seed", str(a.seed), "--rlopt-rollout", a.rlopt_rollout] + (["--profile"] if a.profile else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
@@ -398,6 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trl-threads", type=int, default=None, help="TRL's torch threads (default: --threads)")
     ap.add_argument("--worker-threads", type=int, default=1,
                     help="rlopt_async: the rollout worker's torch threads (the trainer has --threads)")
+    ap.add_argument("--rlopt-staleness", type=int, default=0,
+                    help="rlopt (sync): offpolicy.staleness, e.g. 1 = the data of rlopt_async, sampled in-process")
+    ap.add_argument("--rlopt-correction", default="none",
+                    help="rlopt: behaviour correction for stale data (none, bypass = clip against the sampler, tis, ...)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="run each worker this many times; report the median")
     ap.add_argument("--rlopt-rollout", choices=["lean", "hf"], default="lean",

@@ -110,10 +110,12 @@ class KillWorker(L.Callback):
 
 
 def test_a_dead_worker_is_an_error_naming_it_and_the_step(tmp_path):
+    # killed after step 1: the batch of step 2 may already be sampled and sent (it is trained on),
+    # so the first missing batch is that of step 2 or 3
     killer = KillWorker(at=1)
     t0 = time.perf_counter()
     with pytest.raises(RolloutWorkerError, match=r"rollout-worker \(pid \d+\) died with exit code -9 before handing "
-                                                 r"over the batch of rollout step 2"):
+                                                 r"over the batch of rollout step [23]"):
         _fit(tmp_path, "offpolicy.async=true", callbacks=[killer])
     assert time.perf_counter() - t0 < 120
     assert not _alive(killer.pid) and not children(os.getpid())

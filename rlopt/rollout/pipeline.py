@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..algorithms.registry import check_range
 from .base import Completions
-from .worker import POLL_S, serve
+from .worker import POLL_S, from_arrays, serve
 
 
 class RolloutWorkerError(RuntimeError):
@@ -163,7 +163,7 @@ class AsyncRollouts:
                 raise self._died(step) from e
         if msg[0] == "error":
             raise RolloutWorkerError(f"{self.name} failed while sampling the batch of rollout step {msg[1]}:\n{msg[2]}")
-        _, got, key, version, out, seconds = msg
+        _, got, key, version, arrays, seconds = msg
         self.inflight.popleft()
         asked = self.prompts.pop(got)
         if got != step or asked != list(prompts):
@@ -172,7 +172,7 @@ class AsyncRollouts:
         for k in [k for k in self.sent if k < key]:  # loaded (or skipped) by the worker: release
             del self.sent[k]
         self.gen_seconds = float(seconds)
-        return out, int(version)
+        return from_arrays(arrays), int(version)
 
     def _died(self, step: int) -> RolloutWorkerError:
         return RolloutWorkerError(f"{self.name} (pid {self.process.pid}) died with exit code {self.process.exitcode} "

@@ -13,7 +13,9 @@ shared-memory handles, not copies through a pipe):
   of rollout step ``step`` with the global torch seed set to ``seed``, using exactly the weights
   sent under key ``want`` (the deterministic mode) or, when ``want`` is None, the newest weights
   received (the free-running mode); ``None`` stops the worker;
-- ``results`` queue (answers): ``("done", step, key, version, Completions, seconds)`` or
+- ``results`` queue (answers): ``("done", step, key, version, arrays, seconds)``, ``arrays`` the
+  ``Completions`` as numpy arrays (``to_arrays`` / ``from_arrays``: small tensors travel faster by
+  value than as shared-memory handles, each of which costs a socket round trip), or
   ``("error", step, traceback)``.
 
 It ignores SIGINT (the trainer handles Ctrl+C and stops it) and exits by itself within a second
@@ -23,6 +25,7 @@ its run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -34,6 +37,18 @@ import torch
 from torch import Tensor
 
 POLL_S = 0.5  # how often a waiting worker checks that its parent is still alive
+
+
+def to_arrays(c: Any) -> tuple:
+    """A ``Completions`` as a tuple of numpy arrays (None kept), in field order."""
+    values = (getattr(c, f.name) for f in dataclasses.fields(c))
+    return tuple(None if t is None else t.detach().cpu().numpy() for t in values)
+
+
+def from_arrays(arrays: tuple) -> Any:
+    from .base import Completions
+
+    return Completions(*(None if a is None else torch.from_numpy(a) for a in arrays))
 
 
 @torch.no_grad()
@@ -100,7 +115,7 @@ def serve(model: torch.nn.Module, engine: Any, eos_token_id: Any, pad_token_id: 
             t0 = time.perf_counter()
             out = engine.generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id=eos_token_id,
                                   pad_token_id=pad_token_id)
-            results.put(("done", step, key, version, out, time.perf_counter() - t0))
+            results.put(("done", step, key, version, to_arrays(out), time.perf_counter() - t0))
         except BaseException:  # noqa: BLE001 - reported to the trainer, which raises it with the step
             results.put(("error", step, traceback.format_exc()))
             return
