@@ -98,10 +98,13 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    """Peak RSS of this process plus the largest of its finished children (rlopt_async's rollout
-    worker, joined at the end of fit): the two peaks need not coincide, so an upper bound."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _peak_rss_of(pid: int) -> float:
+    """Peak RSS (VmHWM) of another live process, e.g. rlopt_async's rollout worker."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024  # kB
 
 
 def _task(size: str):
@@ -226,9 +229,15 @@ def worker_rlopt(a) -> dict:
     dm = PromptDataModule(TaskSource(_task(a.size), size=4000, seed=a.seed), batch_size=spec["batch"], seed=a.seed)
     times: list[float] = []
 
+    worker_rss: list[float] = []
+
     class Timer(L.Callback):
         def on_train_batch_end(self, *args, **kw):
             times.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):  # before the rollout worker is stopped
+            if pipeline is not None and pipeline.process is not None:
+                worker_rss.append(_peak_rss_of(pipeline.process.pid))
 
     trainer = L.Trainer(max_steps=a.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[Timer()],
@@ -243,7 +252,7 @@ def worker_rlopt(a) -> dict:
     wall = time.perf_counter() - t0
     hist = module.history
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
-                prompt_tokens=rec.prompt_tokens, params=param_count(model),
+                prompt_tokens=rec.prompt_tokens, params=param_count(model), worker_peak_rss=sum(worker_rss),
                 rollout_s=[h.get("perf/rollout_s", float("nan")) for h in hist],
                 update_s=[h.get("perf/update_s", float("nan")) for h in hist])
 
@@ -424,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.worker:
         res = (worker_trl if a.worker == "trl" else worker_rlopt)(a)
-        res["peak_rss"] = _peak_rss_mb()
+        res["peak_rss"] = _peak_rss_mb() + res.get("worker_peak_rss", 0.0)  # trainer + rollout worker
         print("RESULT " + json.dumps(res), flush=True)
         return
 
