@@ -46,7 +46,8 @@ def test_sweep_yaml_composes(name, size, steps, trials):
     cfg = compose_sweep(name, [f"size={size}"])
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert raw["log_root"] == "${hydra:sweep.dir}"  # one TensorBoard root per sweep
-    assert cfg.steps == steps and cfg.num_minibatches == 4  # every sweep is off-policy
+    # every sweep is off-policy; the suite runs each task for its own budget (task.budget_steps)
+    assert cfg.steps == (cfg.task.budget_steps if name == "suite" else steps) and cfg.num_minibatches == 4
     h = cfg.hydra
     assert h.launcher._target_.endswith("JoblibLauncher") and h.launcher.backend == "loky" and h.launcher.n_jobs == 2
     assert raw["hydra"]["sweep"]["subdir"] == "${hydra.job.num}"  # each run its own output folder
