@@ -16,7 +16,7 @@ One training step is one rollout step, in two phases that read top to bottom:
 ``trainer.global_step`` counts rollout steps: the updates are taken on the wrapped torch
 optimizer and one Lightning optimizer step (with no gradients, a no-op) closes the rollout step.
 Metric assembly and logging live in metrics.py, log-prob forwards in logprobs/, rank helpers in
-ranks.py and sharding in distributed.py.
+ranks.py, sharding in distributed.py, the guarded optimizer step in guard.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector
 from torchmetrics import MeanMetric
 
 from . import distributed as _dist
@@ -39,14 +40,18 @@ from .algorithms.regularisers import mix_reference_
 from .conf import check_parts
 from .console import ignore_reference_eval_mode_warning
 from .data import check_prompts_fit
+from .guard import NonFiniteError, UpdateGuard  # noqa: F401 - NonFiniteError: re-exported
 from .logprobs import CompletionLogProbs, PromptPlan, by_length
 from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars, validate
 from .models import is_peft, prepare_tokenizer
 from .rewards import RewardSet
 from .rollout import Completions, HFGenerate, RolloutEngine
-from .rollout.pipeline import AsyncRollouts, CloseWorker, flat_parameters
+from .rollout.pipeline import AsyncRollouts, CloseWorker
 from .rollout.staleness import BehaviourWeights
 from .trajectory import Trajectory
+
+# the parts whose state carries across rollout steps: saved in checkpoints under their names
+STATEFUL = ("guard", "behaviour", "pipeline", "advantage", "entropy_controller", "dynamic_sampling")
 
 
 class PolicyOptModule(L.LightningModule):
@@ -135,13 +140,10 @@ class PolicyOptModule(L.LightningModule):
         self.ppo_epochs = int(ppo_epochs)
         self.num_minibatches = int(num_minibatches)
         self.micro_batch_size = micro_batch_size
-        self.max_grad_norm = max_grad_norm
         self.accuracy_fn = accuracy_fn
         self.log_samples_every = int(log_samples_every)
         self.log_entropy = bool(log_entropy)
-        self.max_consecutive_skips = int(max_consecutive_skips)
-        self.skipped_updates = 0  # non-finite updates skipped so far (saved in checkpoints)
-        self._consecutive_skips = 0
+        self.guard = UpdateGuard(max_grad_norm, max_consecutive_skips)  # clip; skip non-finite updates (guard.py)
         self.seed = int(seed)
         self.share_prompt = bool(share_prompt)
         self.logprobs = CompletionLogProbs(self.rollout.temperature, share_prompt=share_prompt,
@@ -177,6 +179,10 @@ class PolicyOptModule(L.LightningModule):
                                           "async_rollouts"])
 
     # ----------------------------------------------------------------------------- set-up
+    @property
+    def skipped_updates(self) -> int:
+        return self.guard.skipped
+
     @property
     def reward_history(self) -> list[float]:
         return [h["reward/mean"] for h in self.history]
@@ -226,7 +232,7 @@ class PolicyOptModule(L.LightningModule):
         to train on given completions (tests feed a fixed batch)."""
         if self.pipeline is not None:  # sampled by the worker during the previous step, with its weights
             ro, self.behaviour.sampled_version = self.pipeline.completions(
-                self.global_step, batch["prompt"], flat_parameters(self.policy), self.behaviour.version)
+                self.global_step, batch["prompt"], parameters_to_vector(p.detach() for p in self.policy.parameters()), self.behaviour.version)
             return ro.to(self.device), self.decode(ro)
         ro = self.sample(batch["prompt"], self.group_size, behaviour=True)
         return ro, self.decode(ro)
@@ -378,7 +384,10 @@ class PolicyOptModule(L.LightningModule):
                     acc.add(metrics, tokens=mask[idx].sum(), seqs=(mask[idx].sum(-1) > 0).float().sum())
                     if keep_ratios:
                         acc.ratios.append(torch.exp(logp.detach() - old)[mask[idx] > 0].float().cpu())
-                acc.add_scalar("grad/norm", self._clip_and_step(opt))
+                norm, applied = self.guard.step(opt.optimizer, self.policy, self.device, self.global_step)
+                if applied:
+                    self.behaviour.updated(self.policy)
+                acc.add_scalar("grad/norm", norm)
                 acc.updates += 1
         if seen is not None:  # the sampler against the on-policy pi_old, known only now
             traj.rollout_metrics.update(finish_mismatch(mismatch_stats(seen, mu, traj.completions.completion_mask),
@@ -391,25 +400,6 @@ class PolicyOptModule(L.LightningModule):
         logp, _ = self.completion_logprobs(self.policy, ro.select(torch.zeros(1, dtype=torch.long, device=self.device)))
         self.manual_backward(logp.sum() * 0.0)
 
-    def _clip_and_step(self, opt: Any) -> Tensor:
-        """Clip and apply one update; a non-finite gradient (on any rank) skips it, weights and
-        optimizer state untouched, and is counted; ``max_consecutive_skips`` in a row stop the run."""
-        max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
-        norm, finite = _dist.clip_grad_norm_all_finite(self.policy, max_norm, device=self.device)
-        if finite:
-            opt.optimizer.step()
-            self.behaviour.updated(self.policy)
-            self._consecutive_skips = 0
-            return norm
-        opt.zero_grad(set_to_none=True)
-        self.skipped_updates, self._consecutive_skips = self.skipped_updates + 1, self._consecutive_skips + 1
-        if self._consecutive_skips >= self.max_consecutive_skips:
-            raise NonFiniteError(
-                f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                f"(at rollout step {self.global_step}); the weights were left untouched. Lower the learning "
-                "rate or check the rewards; resume from the last checkpoint (max_consecutive_skips sets the limit)")
-        return norm
-
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         # Validation must not consume the training random stream (exact resume).
@@ -419,22 +409,17 @@ class PolicyOptModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlopt"] = {"skipped_updates": self.skipped_updates, "history": list(self.history),
-                               "behaviour": self.behaviour.state_dict(),
-                               "async": self.pipeline.state_dict() if self.pipeline is not None else {}}
-        for name in ("advantage", "entropy_controller", "dynamic_sampling"):  # state across steps
+        checkpoint["rlopt"] = state = {"history": list(self.history)}
+        for name in STATEFUL:
             part = getattr(self, name)
             if hasattr(part, "state_dict"):
-                checkpoint["rlopt"][name] = part.state_dict()
+                state[name] = part.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("rlopt", {})
-        self.skipped_updates = int(state.get("skipped_updates", 0))
         self.history = list(state.get("history", []))
-        self.behaviour.load_state_dict(state.get("behaviour", {}), self.device)
-        if self.pipeline is not None:
-            self.pipeline.load_state_dict(state.get("async", {}))
-        for name in ("advantage", "entropy_controller", "dynamic_sampling"):
+        state.setdefault("guard", {"skipped_updates": state.get("skipped_updates", 0)})  # checkpoints before guard.py
+        for name in STATEFUL:
             part = getattr(self, name)
             if name in state and hasattr(part, "load_state_dict"):
                 part.load_state_dict(state[name])
@@ -449,29 +434,13 @@ class PolicyOptModule(L.LightningModule):
         self.behaviour.start(self.policy)  # stale sampling: the initial weights are version 0
         limit = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
         check_prompts_fit(getattr(self.trainer, "datamodule", None), self.tokenizer, limit, self.rollout.max_new_tokens)
-        if self.pipeline is not None:
-            self._start_worker()
-
-    def _start_worker(self) -> None:
-        """Spawn the rollout worker (rollout/pipeline.py); it reads batch k from the data module."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if not hasattr(dm, "batch_at"):
-            raise ValueError("offpolicy.async=true needs a data module whose batch k is a function of (seed, k) "
-                             "(PromptDataModule.batch_at)")
-        if _dist.is_sharded(self.policy):
-            raise ValueError("offpolicy.async=true needs unsharded weights (DDP); FSDP is not supported yet "
-                             "(docs/off-policy.md)")
-        last = self.trainer.max_steps - 1 if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        self.pipeline.start(self.policy, self.rollout, self.group_size, self.tokenizer.eos_token_id,
-                            self.tokenizer.pad_token_id, lambda k: dm.batch_at(k)["prompt"], self.encode_prompts,
-                            lambda k: ranks.mix_seed(self.seed, k, self.global_rank), last)
+        if self.pipeline is not None:  # the rollout worker, reading batch k ahead from the data module
+            last = self.trainer.max_steps - 1 if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+            self.pipeline.start(self.policy, self.rollout, self.group_size, self.tokenizer, self.trainer.datamodule,
+                                self.encode_prompts, lambda k: ranks.mix_seed(self.seed, k, self.global_rank), last)
 
     # ----------------------------------------------------------------------------- export
     def export(self, path: str) -> str:
         """Save the policy (LoRA merged) and tokenizer with ``save_pretrained``; under FSDP every rank
         must call it (distributed.export_policy)."""
         return _dist.export_policy(self.policy, self.tokenizer, path)
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive updates with a non-finite loss or gradient."""

@@ -23,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .algorithms.registry import check_range
 from .algorithms.regularisers import AdaptiveEntropyCoef
 from .conf import check_config
 from .console import RewardProgressBar, algorithm_line, quiet_libraries
@@ -86,8 +87,8 @@ def async_rollouts(off: Any) -> AsyncRollouts | None:
     sets this process's torch threads (the worker has ``offpolicy.worker_threads`` of its own)."""
     if not off.get("async"):
         return None
-    if off.get("trainer_threads"):
-        torch.set_num_threads(int(off.trainer_threads))
+    if off.get("trainer_threads") is not None:
+        torch.set_num_threads(int(check_range("offpolicy.trainer_threads", off.trainer_threads, low=1)))
     return AsyncRollouts(max_lag=int(off.get("max_lag", 1)), worker_threads=int(off.get("worker_threads", 1)))
 
 

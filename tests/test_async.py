@@ -181,5 +181,18 @@ def test_no_worker_is_left_behind(tmp_path, how):
 def test_async_refuses_what_it_cannot_combine(tmp_path):
     with pytest.raises(ValueError, match="offpolicy.async=true cannot be combined with offpolicy.staleness"):
         _fit(tmp_path, "offpolicy.async=true", "offpolicy.staleness=1")
-    with pytest.raises(ValueError, match="offpolicy.max_lag"):
-        _fit(tmp_path, "offpolicy.async=true", "offpolicy.max_lag=0")
+    for key in ("max_lag", "worker_threads", "trainer_threads"):  # each named in its error
+        with pytest.raises(ValueError, match=f"offpolicy.{key}"):
+            _fit(tmp_path, "offpolicy.async=true", f"offpolicy.{key}=0")
+
+
+def test_trainer_threads_sets_this_process_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        cfg = compose_train(tmp_path, [*SMALL, "offpolicy.async=true", "offpolicy.trainer_threads=2"])
+        from rlopt.train import build
+
+        module, _, _ = build(cfg)
+        assert torch.get_num_threads() == 2 and module.pipeline.worker_threads == 1
+    finally:
+        torch.set_num_threads(before)

@@ -12,13 +12,14 @@ another engine (``hf_generate``, ``lean``, later a remote inference server) drop
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..algorithms.registry import check_range
-
 
 SAMPLER_DTYPES = (None, "float32", "bfloat16", "float16")
 
@@ -44,15 +45,19 @@ class Completions:
     def attention_mask(self) -> Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)  # [N, P+T]
 
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        """Every field, in declaration order (``Completions(*c.tensors())`` rebuilds ``c``)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "Completions":
+        """``fn`` applied to every tensor field (None stays None)."""
+        return Completions(*(None if t is None else fn(t) for t in self.tensors()))
+
     def to(self, device: torch.device | str) -> "Completions":
-        return Completions(*(None if t is None else t.to(device) for t in (
-            self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask, self.truncated,
-            self.sampler_logp)))
+        return self.apply(lambda t: t.to(device))
 
     def select(self, idx: Tensor) -> "Completions":
-        return Completions(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
-                           self.completion_mask[idx], self.truncated[idx],
-                           None if self.sampler_logp is None else self.sampler_logp[idx])
+        return self.apply(lambda t: t[idx])
 
 
 def completion_mask_from(ids: Tensor, eos_token_id: int | list[int] | None) -> tuple[Tensor, Tensor]:

@@ -1,13 +1,14 @@
 """Asynchronous rollouts: a worker process samples the next batch while the trainer updates.
 
     pipe = AsyncRollouts(max_lag=1, worker_threads=1)             # offpolicy.async=true
-    pipe.start(policy, engine, group_size, eos, pad, prompts_at, encode, seed_at, last_step)
-    ro, version = pipe.completions(step, prompts, flat_weights, version)   # once per rollout step
+    pipe.start(policy, engine, group_size, tokenizer, datamodule, encode, seed_at, last_step)
+    flat = torch.nn.utils.parameters_to_vector(p.detach() for p in policy.parameters())
+    ro, version = pipe.completions(step, prompts, flat, version)   # once per rollout step
     pipe.close()                                                  # CloseWorker does it on end / error
 
 At rollout step ``t`` the trainer sends the worker its current weights (one flat tensor, through
-shared memory), asks it for the batch of step ``t + 1`` (``prompts_at(t + 1)``: the data module's
-batch ``k`` is a function of ``(seed, k)``), and only then waits for batch ``t``, which the worker
+shared memory), asks it for the batch of step ``t + 1`` (``datamodule.batch_at(t + 1)``: the data
+module's batch ``k`` is a function of ``(seed, k)``), and only then waits for batch ``t``, which the worker
 sampled during step ``t - 1``: generation of one batch overlaps the update on the previous one.
 
 - ``max_lag=1`` (deterministic): batch ``t`` is sampled with exactly the weights of the start of
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms.registry import check_range
+from ..distributed import is_sharded
 from .base import Completions
 from .worker import POLL_S, from_arrays, serve
 
@@ -42,24 +44,13 @@ class RolloutWorkerError(RuntimeError):
     """The rollout worker died or failed; the message names it and the rollout step."""
 
 
-def flat_parameters(model: torch.nn.Module) -> Tensor:
-    """The model's parameters as one new flat tensor (``parameters_to_vector`` order), full tensors
-    of FSDP2's sharded DTensors gathered (a collective: every rank calls it)."""
-    parts = []
-    for p in model.parameters():
-        full = getattr(p, "full_tensor", None)
-        parts.append((full() if full is not None else p).detach().reshape(-1))
-    return torch.cat(parts)  # [P]
-
-
 class AsyncRollouts:
     def __init__(self, max_lag: int = 1, worker_threads: int = 1, name: str = "rollout-worker") -> None:
         self.max_lag = int(check_range("offpolicy.max_lag", max_lag, low=1))
         self.worker_threads = int(check_range("offpolicy.worker_threads", worker_threads, low=1))
         self.name = name
         self.process: Any = None
-        self.inflight: deque[int] = deque()  # steps asked for and not yet received, in order
-        self.prompts: dict[int, list[str]] = {}  # the prompts of each step asked for (checked on receipt)
+        self.inflight: deque[tuple[int, list[str]]] = deque()  # (step, prompts) asked for, not yet received
         self.sent: dict[int, Tensor] = {}  # weights sent and possibly not yet loaded (kept alive meanwhile)
         self.resume: tuple[int, int, Tensor] | None = None  # (key, version, flat) of the batch in flight
         self.next_step = 0  # free-running: the next step to ask for
@@ -70,24 +61,32 @@ class AsyncRollouts:
         return self.max_lag == 1
 
     # ------------------------------------------------------------------------------- lifecycle
-    def start(self, policy: torch.nn.Module, engine: Any, group_size: int, eos_token_id: Any, pad_token_id: int,
-              prompts_at: Callable[[int], list[str]], encode: Callable[[list[str]], tuple[Tensor, Tensor]],
-              seed_at: Callable[[int], int], last_step: int | None) -> None:
-        """Spawn the worker with a copy of ``policy`` (in ``engine.dtype`` when set)."""
+    def start(self, policy: torch.nn.Module, engine: Any, group_size: int, tokenizer: Any, datamodule: Any,
+              encode: Callable[[list[str]], tuple[Tensor, Tensor]], seed_at: Callable[[int], int],
+              last_step: int | None) -> None:
+        """Spawn the worker with a copy of ``policy`` (in ``engine.dtype`` when set); it will sample
+        ``group_size`` completions of each prompt of ``datamodule.batch_at(k)``, encoded by ``encode``,
+        with the global seed ``seed_at(k)``, up to rollout step ``last_step`` (None: no end)."""
+        if not hasattr(datamodule, "batch_at"):
+            raise ValueError("offpolicy.async=true needs a data module whose batch k is a function of (seed, k) "
+                             "(PromptDataModule.batch_at)")
+        if is_sharded(policy):
+            raise ValueError("offpolicy.async=true needs unsharded weights (DDP); FSDP is not supported yet "
+                             "(docs/off-policy.md)")
         self.close()
-        self.group_size, self.prompts_at, self.encode, self.seed_at = int(group_size), prompts_at, encode, seed_at
-        self.last_step = last_step
+        self.group_size, self.encode, self.seed_at, self.last_step = int(group_size), encode, seed_at, last_step
+        self.prompts_at = lambda k: datamodule.batch_at(k)["prompt"]
         model = copy.deepcopy(policy).requires_grad_(False)
         if getattr(engine, "dtype", None) is not None:
             model.to(getattr(torch, engine.dtype))
         ctx = torch.multiprocessing.get_context("spawn")  # fork is unsafe with OpenMP / CUDA already running
         self.jobs, self.weights, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=serve, name=self.name, daemon=True, args=(
-            model, engine, eos_token_id, pad_token_id, self.worker_threads, self.jobs, self.weights, self.results,
+            model, engine, tokenizer.eos_token_id, tokenizer.pad_token_id, self.worker_threads, self.jobs, self.weights,
+            self.results,
             os.getpid()))
         self.process.start()
         self.inflight.clear()
-        self.prompts.clear()
         self.sent.clear()
         self.next_step = 0
 
@@ -124,16 +123,16 @@ class AsyncRollouts:
             if not self.inflight:  # first step of this process: the batch of `step` was never asked for
                 key, ver, flat = self.resume if self.resume is not None else (step - 1, version, weights)
                 self._send_weights(key, ver, flat)
-                self._ask(step, want=key)
+                self._ask(step, want=key, exact=True)
             if self.last_step is None or step + 1 <= self.last_step:
                 self._send_weights(step, version, weights)
-                self._ask(step + 1, want=step)
+                self._ask(step + 1, want=step, exact=True)
                 self.resume = (step, version, weights)
         else:
             self._send_weights(step, version, weights)
             self.next_step = max(self.next_step, step)
             while self.next_step <= step + self.max_lag and (self.last_step is None or self.next_step <= self.last_step):
-                self._ask(self.next_step, want=None)
+                self._ask(self.next_step, want=step, exact=False)
                 self.next_step += 1
         return self._receive(step, prompts)
 
@@ -141,16 +140,16 @@ class AsyncRollouts:
         self.sent[key] = flat
         self.weights.put((key, int(version), flat))
 
-    def _ask(self, step: int, want: int | None) -> None:
+    def _ask(self, step: int, want: int, exact: bool) -> None:
         prompts = list(self.prompts_at(step))
         ids, mask = self.encode(prompts)
-        self.prompts[step] = prompts
-        self.jobs.put((step, ids.cpu(), mask.cpu(), self.group_size, int(self.seed_at(step)), want))
-        self.inflight.append(step)
+        self.jobs.put((step, ids.cpu(), mask.cpu(), self.group_size, int(self.seed_at(step)), want, exact))
+        self.inflight.append((step, prompts))
 
     def _receive(self, step: int, prompts: list[str]) -> tuple[Completions, int]:
-        if not self.inflight or self.inflight[0] != step:
-            raise RuntimeError(f"{self.name}: rollout step {step} was not asked for (in flight: {list(self.inflight)})")
+        if not self.inflight or self.inflight[0][0] != step:
+            raise RuntimeError(f"{self.name}: rollout step {step} was not asked for "
+                               f"(in flight: {[k for k, _ in self.inflight]})")
         while True:
             try:
                 msg = self.results.get(timeout=POLL_S)
@@ -164,8 +163,7 @@ class AsyncRollouts:
         if msg[0] == "error":
             raise RolloutWorkerError(f"{self.name} failed while sampling the batch of rollout step {msg[1]}:\n{msg[2]}")
         _, got, key, version, arrays, seconds = msg
-        self.inflight.popleft()
-        asked = self.prompts.pop(got)
+        _, asked = self.inflight.popleft()
         if got != step or asked != list(prompts):
             raise RuntimeError(f"{self.name}: the batch of rollout step {step} differs from the one the worker sampled "
                                "(the data module's batch k must be a function of (seed, k): PromptDataModule.batch_at)")

@@ -9,10 +9,11 @@ shared-memory handles, not copies through a pipe):
 
 - ``weights`` queue: ``(key, version, flat)``: the policy's parameters as one flat tensor, sent
   by the trainer at the start of rollout step ``key`` (``version`` = optimizer updates applied);
-- ``jobs`` queue: ``(step, prompt_ids, prompt_mask, num_samples, seed, want)``: sample the batch
-  of rollout step ``step`` with the global torch seed set to ``seed``, using exactly the weights
-  sent under key ``want`` (the deterministic mode) or, when ``want`` is None, the newest weights
-  received (the free-running mode); ``None`` stops the worker;
+- ``jobs`` queue: ``(step, prompt_ids, prompt_mask, num_samples, seed, want, exact)``: sample the
+  batch of rollout step ``step`` with the global torch seed set to ``seed``, using exactly the
+  weights sent under key ``want`` (``exact``: the deterministic mode) or the newest received, at
+  least as new as ``want`` (the free-running mode: the bound on staleness holds even when a
+  message is still in flight); ``None`` stops the worker;
 - ``results`` queue (answers): ``("done", step, key, version, arrays, seconds)``, ``arrays`` the
   ``Completions`` as numpy arrays (``to_arrays`` / ``from_arrays``: small tensors travel faster by
   value than as shared-memory handles, each of which costs a socket round trip), or
@@ -25,7 +26,6 @@ its run.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import signal
@@ -41,8 +41,7 @@ POLL_S = 0.5  # how often a waiting worker checks that its parent is still alive
 
 def to_arrays(c: Any) -> tuple:
     """A ``Completions`` as a tuple of numpy arrays (None kept), in field order."""
-    values = (getattr(c, f.name) for f in dataclasses.fields(c))
-    return tuple(None if t is None else t.detach().cpu().numpy() for t in values)
+    return tuple(None if t is None else t.detach().cpu().numpy() for t in c.tensors())
 
 
 def from_arrays(arrays: tuple) -> Any:
@@ -86,22 +85,15 @@ def serve(model: torch.nn.Module, engine: Any, eos_token_id: Any, pad_token_id: 
         job = _get(jobs, parent)
         if job is None:
             return
-        step, prompt_ids, prompt_mask, num_samples, seed, want = job
+        step, prompt_ids, prompt_mask, num_samples, seed, want, exact = job
         try:
-            newest = None
-            if want is not None:  # deterministic: exactly the weights sent under key `want`
-                while key != want:
-                    msg = _get(weights, parent)
-                    if msg is None:
-                        return
-                    if msg[0] == want:
-                        newest = msg
-                        key = want
-            else:  # free-running: the newest weights sent so far
-                if key is None:  # none loaded yet: wait for the first message
-                    newest = _get(weights, parent)
-                    if newest is None:
-                        return
+            newest, have = None, key
+            while have is None or have < want:  # the weights sent under `want` are on their way (FIFO)
+                newest = _get(weights, parent)
+                if newest is None:
+                    return
+                have = newest[0]
+            if not exact:  # free-running: anything newer that has arrived as well
                 while True:
                     try:
                         newest = weights.get_nowait()
