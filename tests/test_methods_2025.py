@@ -476,21 +476,28 @@ def group_rows(n, g):
     return [list(range(p * g, (p + 1) * g)) for p in range(n // g)]
 
 
+def group_centred(r, valid, g, eps=None):
+    """Per valid row ``r_i - mean_g`` (divided by ``std_g + eps`` unless eps is None) over the valid
+    rows of its group; 0 for invalid rows and for groups whose valid rewards are all equal."""
+    out = [0.0] * len(valid)
+    for rows in group_rows(len(valid), g):
+        idx = [i for i in rows if valid[i]]
+        vals = [float(r[i]) for i in idx]
+        if max(vals) == min(vals):
+            continue
+        m, s = _mean(vals), _std(vals)
+        for i in idx:
+            out[i] = (float(r[i]) - m) / (1.0 if eps is None else s + eps)
+    return out
+
+
 @pytest.mark.parametrize("std_normalize,count", [(False, "advantage"), (True, "advantage"), (False, "reward")])
 def test_gpg_matches_reference(std_normalize, count):
     # GPG (arXiv 2504.02546): A = alpha (R - mean_g) / F, alpha = B / #non-zero
     rewards, mask, valid, _, g = adv_data(33)
     rewards[0:4] = torch.tensor([0.0, float("nan"), 1.0, 0.0], dtype=F64)
     n = len(rewards)
-    a = [0.0] * n
-    for rows in group_rows(n, g):
-        idx = [i for i in rows if valid[i]]
-        vals = [float(rewards[i]) for i in idx]
-        if max(vals) == min(vals):
-            continue
-        m, s = _mean(vals), _std(vals)
-        for i in idx:
-            a[i] = (float(rewards[i]) - m) / ((s + 1e-6) if std_normalize else 1.0)
+    a = group_centred(rewards, valid, g, 1e-6 if std_normalize else None)
     b = sum(1 for i in range(n) if valid[i])
     nz = sum(1 for i in range(n) if valid[i] and (a[i] != 0 if count == "advantage" else float(rewards[i]) != 0))
     ref = torch.tensor([b / nz * x for x in a], dtype=F64)[:, None] * mask
@@ -574,14 +581,8 @@ def gdpo_reference(comps, weights, valid, g, batch_norm, eps=1e-6):
     n = len(valid)
     total = [0.0] * n
     for name, r in comps.items():
-        for rows in group_rows(n, g):
-            idx = [i for i in rows if valid[i]]
-            vals = [float(r[i]) for i in idx]
-            if max(vals) == min(vals):
-                continue
-            m, s = _mean(vals), _std(vals)
-            for i in idx:
-                total[i] += weights.get(name, 1.0) * (float(r[i]) - m) / (s + eps)
+        for i, z in enumerate(group_centred(r, valid, g, eps)):
+            total[i] += weights.get(name, 1.0) * z
     if batch_norm:
         vals = [total[i] for i in range(n) if valid[i]]
         m, s = _mean(vals), _std(vals)
