@@ -21,7 +21,8 @@ Identical work, per configuration:
 * the algorithm: group size G, B prompts per step (B*G completions, one rollout = one optimizer
   step, fully on-policy: TRL ``num_iterations=1``, ``steps_per_generation=1``; rlopt
   ``ppo_epochs=1``, ``num_minibatches=1``), the same completion budget, temperature 1, no top-k/p,
-  AdamW (lr, betas (0.9, 0.99), eps 1e-8, no weight decay), constant learning rate, grad-norm
+  AdamW (lr, betas (0.9, 0.99), eps 1e-8, no weight decay; torch's fused kernel in both: TRL's
+  default ``optim="adamw_torch_fused"``, rlopt ``fused=True``), constant learning rate, grad-norm
   clip 1.0, no KL (TRL ``beta=0``; rlopt ``kl=none``). Advantage ``(r - mean_g) /
   (std_g + 1e-4)`` (TRL ``scale_rewards="group"``; rlopt GroupBaseline(eps=1e-4)).
   GRPO: token ratios, clip 0.2, loss averaged over each sequence's tokens then over sequences
@@ -221,7 +222,7 @@ def worker_rlopt(a) -> dict:
     lr = spec["lr"]
     module = PolicyOptModule(model, tok, GroupBaseline(scale="group", std="unbiased", eps=1e-4), objective,
                              RewardSet({"match": reward}),
-                             optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), eps=1e-8,
+                             optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=True,
                                                                     weight_decay=0.0),
                              rollout=engine, group_size=spec["group"], max_grad_norm=1.0, log_samples_every=0,
                              micro_batch_size=spec["micro"], seed=a.seed, async_rollouts=pipeline,
@@ -292,7 +293,7 @@ def worker_trl(a) -> dict:
         max_steps=a.steps, beta=0.0, loss_type="grpo", importance_sampling_level=algo["ratio"],
         epsilon=algo["eps_low"], epsilon_high=algo["eps_high"], scale_rewards="group", num_iterations=1,
         temperature=1.0, top_p=1.0, top_k=0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, max_grad_norm=1.0, seed=a.seed,
+        adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, seed=a.seed,
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
     )
@@ -398,6 +399,31 @@ def summarise(res: dict, spec: dict, gflops_ceiling: float) -> dict:
                 update_s=statistics.median(res["update_s"][1:]) if len(res.get("update_s", [])) > 1 else float("nan"))
 
 
+def reward_over_seeds(results: list[dict], frameworks: list[str], seeds: list[int]) -> None:
+    """Mean reward per step over the run (the area under the curve, ``reward_mean``) and over its
+    last 5 steps, per seed (mean of the repeats), then each rlopt variant minus TRL: the mean
+    difference over seeds with its bootstrap interval (rlopt.stats.compare)."""
+    from rlopt.stats import compare
+
+    for r in results:
+        per = {fw: {key: [statistics.mean(x[key] for x in r[fw]["runs"] if x["seed"] == s) for s in seeds]
+                    for key in ("reward_mean", "reward_last")} for fw in frameworks}
+        print(f"\n### reward over seeds {seeds}: {r['size']} {r['algo']}\n")
+        print("| framework | mean reward over the run, per seed | mean | last 5 steps, per seed | mean |")
+        print("|---|---|---|---|---|")
+        for fw in frameworks:
+            m, last = per[fw]["reward_mean"], per[fw]["reward_last"]
+            print(f"| {fw} | {', '.join(f'{v:.3f}' for v in m)} | {statistics.mean(m):.3f} "
+                  f"| {', '.join(f'{v:.3f}' for v in last)} | {statistics.mean(last):.3f} |")
+        for fw in frameworks:
+            if fw == "trl" or "trl" not in per:
+                continue
+            for key in ("reward_mean", "reward_last"):
+                c = compare(per[fw][key], per["trl"][key])
+                print(f"- {fw} - trl, {key}: {c['diff']:+.3f} [{c['diff_lo']:+.3f}, {c['diff_hi']:+.3f}]"
+                      f"{' (resolved)' if c['resolved'] else ' (unresolved)'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="tiny,small")
@@ -415,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rlopt-correction", default="none",
                     help="rlopt: behaviour correction for stale data (none, bypass = clip against the sampler, tis, ...)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated seeds (each its own warmed-up model, prompts and sampling): "
+                         "the table pools all runs; a reward comparison over seeds follows it")
     ap.add_argument("--repeats", type=int, default=1, help="run each worker this many times; report the median")
     ap.add_argument("--rlopt-rollout", choices=["lean", "hf"], default="lean",
                     help="rlopt's rollout engine: lean (KVCacheSampler) or hf (model.generate)")
@@ -453,18 +482,23 @@ def main(argv: list[str] | None = None) -> None:
           f"{ceiling:.1f} GFLOP/s (torch.mm 2048^3, median of 5)", flush=True)
     t_start = time.perf_counter()
     results = []
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     for size in sizes:
         spec = SIZES[size]
-        model_dir = prepare_model(size, a.seed)
         for algo in algos:
             row = dict(size=size, algo=algo)
             runs_of: dict[str, list[dict]] = {fw: [] for fw in frameworks}
-            for _ in range(a.repeats):  # interleaved (A B A B ...), so load changes hit both alike
-                for fw in frameworks:
-                    runs_of[fw].append(summarise(run_worker(pythons[fw], fw, size, algo, model_dir, a), spec, ceiling))
+            for seed in seeds:
+                a.seed = seed
+                model_dir = prepare_model(size, seed)
+                for _ in range(a.repeats):  # interleaved (A B A B ...), so load changes hit both alike
+                    for fw in frameworks:
+                        res = summarise(run_worker(pythons[fw], fw, size, algo, model_dir, a), spec, ceiling)
+                        runs_of[fw].append(dict(res, seed=seed))
             for fw in frameworks:
                 runs = runs_of[fw]
-                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "seed"}
+                med["runs"] = runs
                 med["samples_s_all"] = [round(r["samples_s"], 2) for r in runs]
                 row[fw] = med
                 print(f"  {size:5s} {algo:4s} {fw:5s}: {med['samples_s']:7.2f} samples/s {med['tokens_s']:8.1f} tok/s "
@@ -495,6 +529,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"| {o['tokens_s']:.0f} | {t['tokens_s']:.0f} | {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
                       f"| {o['reward_first']:.3f} -> {o['reward_last']:.3f} | {t['reward_first']:.3f} -> "
                       f"{t['reward_last']:.3f} | {100 * o['ceiling_frac']:.1f}% | {100 * t['ceiling_frac']:.1f}% |")
+    if len(seeds) > 1:
+        reward_over_seeds(results, frameworks, seeds)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(ceiling_gflops=ceiling, threads=a.threads, results=results), f, indent=1)

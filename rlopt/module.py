@@ -81,7 +81,10 @@ class PolicyOptModule(L.LightningModule):
         chunked_lm_head: log-probs via a chunked LM head, never the full ``[N, T, V]`` logits.
         lm_head_chunk_rows: rows per chunk of the chunked head (None: sized from the vocabulary).
         lm_head_saved_mib: MiB of logits the chunked head keeps for its backward.
-        share_prompt: one forward per distinct prompt, its KV cache shared by its G completions.
+        share_prompt: one forward per distinct prompt, shared by its G completions.
+        pack: share it by packing a prompt and its completions into one row (SDPA models; else the
+            prompt's KV cache is shared).
+        pack_max_row: longest packed row in tokens; longer passes share the KV cache instead.
         entropy_controller: an ``AdaptiveEntropyCoef`` (Skywork-OR1) that sets ``objective.entropy_coef``
             after every rollout step from the step's mean token entropy; None keeps it constant.
         ref_sync_every: every k rollout steps mix the policy into the reference model,
@@ -119,6 +122,8 @@ class PolicyOptModule(L.LightningModule):
         lm_head_chunk_rows: int | None = None,
         lm_head_saved_mib: float = 0.0,
         share_prompt: bool = True,
+        pack: bool = True,
+        pack_max_row: int = 2048,
         entropy_controller: Any = None,
         ref_sync_every: int = 0,
         ref_sync_alpha: float = 0.6,
@@ -146,7 +151,8 @@ class PolicyOptModule(L.LightningModule):
         self.guard = UpdateGuard(max_grad_norm, max_consecutive_skips)  # clip; skip non-finite updates (guard.py)
         self.seed = int(seed)
         self.share_prompt = bool(share_prompt)
-        self.logprobs = CompletionLogProbs(self.rollout.temperature, share_prompt=share_prompt,
+        self.logprobs = CompletionLogProbs(self.rollout.temperature, share_prompt=share_prompt, pack=pack,
+                                           pack_max_row=pack_max_row,
                                            chunked_lm_head=chunked_lm_head, chunk_rows=lm_head_chunk_rows,
                                            saved_mib=lm_head_saved_mib)
         check_parts(advantage, objective, self.group_size, micro_batch_size, self.ppo_epochs, self.num_minibatches)

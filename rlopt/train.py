@@ -67,6 +67,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
         lm_head_saved_mib=float(cfg.get("lm_head_saved_mib", 0)),
         share_prompt=bool(cfg.get("share_prompt", True)),
+        pack=bool(cfg.get("pack", True)), pack_max_row=int(cfg.get("pack_max_row", 2048)),
         log_entropy=bool(cfg.get("log_entropy", True)),
         entropy_controller=AdaptiveEntropyCoef.from_config(cfg.entropy) if cfg.entropy.get("adaptive") else None,
         ref_sync_every=int(cfg.kl.get("ref_sync_every") or 0), ref_sync_alpha=float(cfg.kl.get("ref_sync_alpha", 0.6)),

@@ -85,6 +85,32 @@ def test_free_running_queue_stays_within_its_bound(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
 
+def test_weights_go_through_a_free_slot_or_as_their_own_tensor():
+    """Slot ``key % 3`` is reused only once the key that last filled it is released."""
+    from rlopt.rollout.pipeline import AsyncRollouts
+
+    class Box:  # stands in for the weights queue
+        def __init__(self) -> None:
+            self.got = []
+
+        def put(self, msg) -> None:
+            self.got.append(msg)
+
+    pipe = AsyncRollouts(max_lag=1)
+    pipe.slots, pipe.weights = [torch.zeros(4) for _ in range(3)], Box()
+    w0, w3 = torch.arange(4.0), torch.arange(4.0) + 10
+    pipe._send_weights(0, 5, w0)
+    assert pipe.weights.got[-1] == (0, 5, 0) and torch.equal(pipe.slots[0], w0) and pipe.sent == {0: None}
+    pipe._send_weights(3, 6, w3)  # slot 0 still holds key 0, which the worker may not have loaded
+    key, version, flat = pipe.weights.got[-1]
+    assert (key, version) == (3, 6) and flat is w3 and torch.equal(pipe.slots[0], w0) and pipe.sent[3] is w3
+    del pipe.sent[0], pipe.sent[3]  # a batch sampled with a newer key came back: both released
+    pipe._send_weights(6, 7, w3)
+    assert pipe.weights.got[-1] == (6, 7, 0) and torch.equal(pipe.slots[0], w3)
+    pipe._send_weights(1, 8, torch.zeros(5))  # another size (never from one policy): its own tensor
+    assert torch.is_tensor(pipe.weights.got[-1][2])
+
+
 def test_batch_at_is_the_loaders_kth_batch_across_epochs():
     dm = PromptDataModule(TaskSource(ReverseTask(), size=20), batch_size=6, seed=3)  # 3 batches an epoch
     dm.setup()

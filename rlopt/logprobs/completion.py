@@ -4,8 +4,10 @@ reference passes share.
     lp = CompletionLogProbs(temperature=1.0, share_prompt=True)
     logp, entropy = lp(model, completions, with_entropy=True)      # [n, T], [n, T]
 
-Picks the forward: the shared-prompt forward (shared_prompt.py: each distinct prompt once, its
-KV cache shared by its G completions) when it applies, else one plain forward; and the full LM
+Picks the forward. With ``share_prompt`` each distinct prompt runs once for its G completions:
+packed (packed.py: the prompt and its completions in one row under a tree attention mask, no
+padding at all; SDPA models, ``pack``) or else through a shared KV cache (shared_prompt.py);
+otherwise, and under FSDP, one plain forward over ``[prompt + completion]``. Then the full LM
 head or the chunked one (algorithms/lm_head.py: never the whole ``[n, T, V]`` logits). Columns
 that are padding in every row are not computed (``trim_padding``); their log-probs are 0, which
 every objective masks.
@@ -20,10 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..algorithms import token_logprobs
-from ..algorithms.lm_head import auto_chunk_rows, chunked_lm_head_logprobs, saved_rows_for, split_causal_lm
+from ..algorithms.lm_head import (
+    auto_chunk_rows,
+    chunked_lm_head_logprobs,
+    saved_rows_for,
+    split_causal_lm,
+)
 from ..algorithms.registry import check_range
 from ..rollout.base import Completions
-from .shared_prompt import PromptPlan, completion_states, prompt_plan, supports_shared_prompt
+from .packed import PackLayout, pack_layout, packed_forward, supports_packing
+from .shared_prompt import (
+    PromptPlan,
+    completion_states,
+    prompt_plan,
+    supports_shared_prompt,
+)
 
 
 class CompletionLogProbs:
@@ -32,33 +45,48 @@ class CompletionLogProbs:
     Args:
         temperature: the sampling temperature (log-probs of the tempered distribution).
         share_prompt: run each distinct prompt once when the model supports it.
+        pack: share the prompt by packing (one row per prompt, no padding) where the model takes a
+            4D boolean mask; else through the KV cache.
+        pack_max_row: longest packed row, in tokens (its attention is quadratic in it); a pass
+            with a longer one uses the KV-cache forward.
         chunked_lm_head: log-probs from hidden states, chunked over rows, with their own backward.
         chunk_rows: rows per LM-head chunk (None: sized from the vocabulary).
         saved_mib: MiB of logits the chunked head keeps for the backward instead of recomputing.
     """
 
-    def __init__(self, temperature: float = 1.0, share_prompt: bool = True, chunked_lm_head: bool = False,
-                 chunk_rows: int | None = None, saved_mib: float = 0.0) -> None:
+    def __init__(self, temperature: float = 1.0, share_prompt: bool = True, pack: bool = True,
+                 pack_max_row: int = 2048, chunked_lm_head: bool = False, chunk_rows: int | None = None,
+                 saved_mib: float = 0.0) -> None:
         self.temperature = float(temperature)
         self.share_prompt = bool(share_prompt)
+        self.pack = bool(pack)
+        self.pack_max_row = int(check_range("pack_max_row", pack_max_row, low=1))
         self.chunked_lm_head = bool(chunked_lm_head)
         self.chunk_rows = chunk_rows
         self.saved_mib = float(check_range("lm_head_saved_mib", saved_mib, low=0.0))
-        self._shared_ok: dict[int, bool] = {}  # per model: does the shared-prompt forward apply
+        self._support: dict[int, tuple[bool, bool]] = {}  # per model: (packing, KV-cache sharing) apply
 
-    def plan(self, model: torch.nn.Module, ro: Completions, sharded: bool = False) -> PromptPlan | None:
-        """Which rows share a prompt, when the shared-prompt forward applies: ``share_prompt`` on,
-        unsharded weights (FSDP's per-forward collectives are left alone) and a model that
-        ``supports_shared_prompt`` (checked once per model)."""
-        if not self.share_prompt or sharded:
-            return None
-        if self._shared_ok.get(id(model)) is None:
+    def _supports(self, model: torch.nn.Module) -> tuple[bool, bool]:
+        if id(model) not in self._support:
             from ..distributed import unwrap
 
-            self._shared_ok[id(model)] = supports_shared_prompt(unwrap(model))
-        if not self._shared_ok[id(model)]:
+            base = unwrap(model)
+            self._support[id(model)] = (self.pack and supports_packing(base), supports_shared_prompt(base))
+        return self._support[id(model)]
+
+    def plan(self, model: torch.nn.Module, ro: Completions, sharded: bool = False) -> PromptPlan | None:
+        """Which rows share a prompt, when a shared-prompt forward applies: ``share_prompt`` on,
+        unsharded weights (FSDP's per-forward collectives are left alone) and a model that packs
+        or ``supports_shared_prompt`` (checked once per model)."""
+        if not self.share_prompt or sharded or not any(self._supports(model)):
             return None
         return prompt_plan(ro.prompt_ids, ro.prompt_mask)
+
+    def layout(self, model: torch.nn.Module, ro: Completions, plan: PromptPlan | None) -> PackLayout | None:
+        """The packed layout of this pass, or None for the KV-cache / plain forward."""
+        if plan is None or not self._supports(model)[0]:
+            return None
+        return pack_layout(ro, plan, self.pack_max_row)
 
     def __call__(self, model: torch.nn.Module, ro: Completions, with_entropy: bool = False,
                  sharded: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -72,16 +100,20 @@ class CompletionLogProbs:
 
     def _forward(self, model: torch.nn.Module, ro: Completions, with_entropy: bool, plan: PromptPlan | None
                  ) -> tuple[Tensor, Tensor | None]:
+        layout = self.layout(model, ro, plan)
+        if layout is None and plan is not None and not self._supports(model)[1]:
+            plan = None  # a row too long to pack, and no KV-cache sharing: the plain forward
         if self.chunked_lm_head:  # pad positions get 0 (every objective masks them)
             decoder, weight, bias = split_causal_lm(model)
-            hid = completion_states(decoder, ro, plan, hidden=True)  # [n, T, H]
+            hid = (packed_forward(decoder, ro, layout, hidden=True) if layout is not None
+                   else completion_states(decoder, ro, plan, hidden=True))  # [n, T, H]
             rows = self.chunk_rows or auto_chunk_rows(weight.shape[0])
             saved = saved_rows_for(weight.shape[0], self.saved_mib, weight.dtype)
             out = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, self.temperature,
                                            chunk_rows=rows, return_entropy=with_entropy, mask=ro.completion_mask,
                                            saved_rows=saved)
             return out if with_entropy else (out, None)
-        logits = completion_states(model, ro, plan)  # [n, T, V]
+        logits = packed_forward(model, ro, layout) if layout is not None else completion_states(model, ro, plan)  # [n, T, V]
         if with_entropy:
             return token_logprobs(logits, ro.completion_ids, self.temperature, return_entropy=True)
         return token_logprobs(logits, ro.completion_ids, self.temperature), None

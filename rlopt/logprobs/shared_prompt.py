@@ -70,18 +70,23 @@ def supports_shared_prompt(model: torch.nn.Module) -> bool:
         return False
     base = _base(model)
     cfg = getattr(base, "config", None)
-    if cfg is None or not takes_cache(model):
+    if cfg is None or not takes_cache(model) or has_dropout(model):
         return False
     if any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
-        return False
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or any(
-            float(getattr(cfg, k, 0) or 0) > 0 for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")):
         return False
     try:
         cache = DynamicCache(config=cfg)
     except (TypeError, ValueError, AttributeError, KeyError):  # a config DynamicCache cannot read
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Any dropout with p > 0 (modules or the config's attention dropout): the G completions of a
+    prompt would then share one dropout mask over it, where the plain forward draws one per row."""
+    cfg = getattr(_base(model), "config", None)
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or any(
+        float(getattr(cfg, k, 0) or 0) > 0 for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"))
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:

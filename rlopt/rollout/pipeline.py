@@ -51,7 +51,8 @@ class AsyncRollouts:
         self.name = name
         self.process: Any = None
         self.inflight: deque[tuple[int, list[str]]] = deque()  # (step, prompts) asked for, not yet received
-        self.sent: dict[int, Tensor] = {}  # weights sent and possibly not yet loaded (kept alive meanwhile)
+        self.sent: dict[int, Tensor | None] = {}  # keys sent, possibly not yet loaded (slot kept / tensor kept)
+        self.slots: list[Tensor] = []  # shared-memory buffers the weights travel through
         self.resume: tuple[int, int, Tensor] | None = None  # (key, version, flat) of the batch in flight
         self.next_step = 0  # free-running: the next step to ask for
         self.gen_seconds = 0.0  # the worker's sampling time of the latest batch received
@@ -81,10 +82,14 @@ class AsyncRollouts:
             model.to(getattr(torch, engine.dtype))
         ctx = torch.multiprocessing.get_context("spawn")  # fork is unsafe with OpenMP / CUDA already running
         self.jobs, self.weights, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        # weights travel through a few shared-memory slots, handed over once (a fresh tensor per
+        # step would cost a shared-memory segment and a socket round trip each time)
+        first = next(policy.parameters())
+        numel = sum(p.numel() for p in policy.parameters())
+        self.slots = [torch.empty(numel, dtype=first.dtype).share_memory_() for _ in range(self.max_lag + 2)]
         self.process = ctx.Process(target=serve, name=self.name, daemon=True, args=(
             model, engine, tokenizer.eos_token_id, tokenizer.pad_token_id, self.worker_threads, self.jobs, self.weights,
-            self.results,
-            os.getpid()))
+            self.results, os.getpid(), self.slots))
         self.process.start()
         self.inflight.clear()
         self.sent.clear()
@@ -137,13 +142,24 @@ class AsyncRollouts:
         return self._receive(step, prompts)
 
     def _send_weights(self, key: int, version: int, flat: Tensor) -> None:
-        self.sent[key] = flat
-        self.weights.put((key, int(version), flat))
+        """Into slot ``key % len(slots)`` unless a key still in use holds it (the worker is past a
+        key once a batch sampled with a newer one has come back); else as a tensor of its own."""
+        slot = key % len(self.slots)
+        buf = self.slots[slot]
+        free = not any(k % len(self.slots) == slot and k != key for k in self.sent)
+        if free and buf.dtype == flat.dtype and buf.numel() == flat.numel():
+            buf.copy_(flat.detach().view(-1).cpu())
+            self.sent[key] = None
+            self.weights.put((key, int(version), slot))
+        else:
+            self.sent[key] = flat  # kept alive until the worker has loaded it
+            self.weights.put((key, int(version), flat))
 
     def _ask(self, step: int, want: int, exact: bool) -> None:
         prompts = list(self.prompts_at(step))
         ids, mask = self.encode(prompts)
-        self.jobs.put((step, ids.cpu(), mask.cpu(), self.group_size, int(self.seed_at(step)), want, exact))
+        self.jobs.put((step, ids.cpu().numpy(), mask.cpu().numpy(), self.group_size, int(self.seed_at(step)), want,
+                       exact))
         self.inflight.append((step, prompts))
 
     def _receive(self, step: int, prompts: list[str]) -> tuple[Completions, int]:

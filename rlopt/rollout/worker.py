@@ -1,19 +1,22 @@
 """The rollout worker: a process that only samples (the other half of rollout/pipeline.py).
 
     ctx = torch.multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=serve, args=(model, engine, eos, pad, threads, jobs, weights, results, os.getpid()))
+    proc = ctx.Process(target=serve, args=(model, engine, eos, pad, threads, jobs, weights, results, os.getpid(), slots))
 
 It owns a copy of the policy (in ``rollout.dtype`` when set) and its own thread budget, and
-answers three kinds of message, all through ``torch.multiprocessing`` queues (tensors travel as
-shared-memory handles, not copies through a pipe):
+answers three kinds of message, all through ``torch.multiprocessing`` queues (small arrays travel
+by value; a tensor would travel as a shared-memory handle, each of which costs a socket round trip):
 
 - ``weights`` queue: ``(key, version, flat)``: the policy's parameters as one flat tensor, sent
   by the trainer at the start of rollout step ``key`` (``version`` = optimizer updates applied);
+  ``flat`` is the index of one of the shared-memory ``slots`` handed over at spawn, which the
+  trainer filled and does not overwrite before the worker has moved past ``key``, or a tensor
+  of its own (when every slot is still in use);
 - ``jobs`` queue: ``(step, prompt_ids, prompt_mask, num_samples, seed, want, exact)``: sample the
   batch of rollout step ``step`` with the global torch seed set to ``seed``, using exactly the
   weights sent under key ``want`` (``exact``: the deterministic mode) or the newest received, at
   least as new as ``want`` (the free-running mode: the bound on staleness holds even when a
-  message is still in flight); ``None`` stops the worker;
+  message is still in flight); the prompts as numpy arrays; ``None`` stops the worker;
 - ``results`` queue (answers): ``("done", step, key, version, arrays, seconds)``, ``arrays`` the
   ``Completions`` as numpy arrays (``to_arrays`` / ``from_arrays``: small tensors travel faster by
   value than as shared-memory handles, each of which costs a socket round trip), or
@@ -74,7 +77,7 @@ def _get(q: Any, parent: int) -> Any:
 
 
 def serve(model: torch.nn.Module, engine: Any, eos_token_id: Any, pad_token_id: int, threads: int,
-          jobs: Any, weights: Any, results: Any, parent: int) -> None:
+          jobs: Any, weights: Any, results: Any, parent: int, slots: list[Tensor] = ()) -> None:
     """The worker's main loop (runs in the spawned process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(int(threads))
@@ -101,11 +104,12 @@ def serve(model: torch.nn.Module, engine: Any, eos_token_id: Any, pad_token_id: 
                         break
             if newest is not None:
                 key, version, flat = newest
-                load_flat_(params, flat)
+                load_flat_(params, slots[flat] if isinstance(flat, int) else flat)
                 del flat, newest
             torch.manual_seed(int(seed))
             t0 = time.perf_counter()
-            out = engine.generate(model, prompt_ids, prompt_mask, num_samples, eos_token_id=eos_token_id,
+            out = engine.generate(model, torch.from_numpy(prompt_ids), torch.from_numpy(prompt_mask), num_samples,
+                                  eos_token_id=eos_token_id,
                                   pad_token_id=pad_token_id)
             results.put(("done", step, key, version, to_arrays(out), time.perf_counter() - t0))
         except BaseException:  # noqa: BLE001 - reported to the trainer, which raises it with the step

@@ -1,0 +1,102 @@
+"""The update's forward + backward three ways, side by side: plain, shared KV cache, packed.
+
+    python benchmarks/update_forward.py                   # tiny and small (trl_compare's models), 1 thread
+    python benchmarks/update_forward.py --sizes small --threads 2 --repeats 5
+
+One rollout batch per size (trl_compare.py's warmed-up model, prompts and sampler: B prompts x
+G = 8 completions), then the update's passes over it as PolicyOptModule runs them (micro-batches
+of whole groups ordered by length, ``trim_padding``, log-probs and entropy, ``backward``), timed
+for each forward of rlopt/logprobs: ``plain`` (``share_prompt: false``), ``kv_cache``
+(``pack: false``: the prompt's KV cache shared by its completions) and ``packed`` (the default:
+one row per prompt, its completions behind it under a tree mask, no padding). The three are
+interleaved, repeated, and reported as medians with the tokens each computes; the log-probs of
+the three agree (max abs difference printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import trl_compare as tc  # benchmarks/ is this script's folder: the shared model and task setup
+
+
+def bench_size(size: str, a: argparse.Namespace) -> None:
+    """One table row: the three forwards on one rollout batch of ``size``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlopt.logprobs import CompletionLogProbs, by_length
+    from rlopt.logprobs.completion import trim_padding
+    from rlopt.rollout.lean import KVCacheSampler
+
+    spec = tc.SIZES[size]
+    path = tc.prepare_model(size, a.seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    rows = tc._task(size).rows("train", spec["batch"], seed=a.seed)
+    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+    torch.manual_seed(a.seed)
+    ro = KVCacheSampler(temperature=1.0, max_new_tokens=spec["max_new_tokens"]).generate(
+        model, enc["input_ids"], enc["attention_mask"], spec["group"], tok.eos_token_id, tok.pad_token_id)
+    n, g = ro.completion_ids.shape[0], spec["group"]
+    micro = spec["micro"] or n
+    chunks = by_length(torch.arange(n), ro, micro, g).split(micro)
+    kinds = {"plain": CompletionLogProbs(share_prompt=False), "kv_cache": CompletionLogProbs(pack=False),
+             "packed": CompletionLogProbs()}
+
+    def tokens(kind: str) -> int:
+        total = 0
+        for idx in chunks:
+            r = trim_padding(ro.select(idx))
+            p_len, c_len = r.prompt_mask.sum(-1), r.completion_mask.sum(-1)
+            if kind == "plain":
+                total += r.input_ids.numel()
+            elif kind == "kv_cache":
+                total += len(set((idx // g).tolist())) * r.prompt_ids.shape[1] + r.completion_ids.numel()
+            else:  # prompts once + the completion tokens fed (the last predicts nothing), unpadded
+                total += int(p_len[::g].sum()) + int((c_len - 1).clamp(min=0).sum())
+        return total
+
+    def update(kind: str) -> torch.Tensor:
+        out = []
+        for idx in chunks:
+            logp, _ent = kinds[kind](model, ro.select(idx), with_entropy=True)
+            logp.sum().backward()
+            out.append(logp.detach() * ro.completion_mask[idx])
+        model.zero_grad(set_to_none=True)
+        return torch.cat(out)
+
+    ref = {k: update(k) for k in kinds}  # warm-up, and the values compared
+    diff = max(float((ref[k] - ref["plain"]).abs().max()) for k in kinds)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(a.repeats or (15 if size == "tiny" else 3)):
+        for k in kinds:  # interleaved
+            t0 = time.perf_counter()
+            update(k)
+            times[k].append(time.perf_counter() - t0)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    print(f"| {size} | {n} x {ro.completion_ids.shape[1]} | {tokens('plain')} / {tokens('kv_cache')} / "
+          f"{tokens('packed')} | {ms['plain']:.1f} | {ms['kv_cache']:.1f} | {ms['packed']:.1f} | "
+          f"{ms['plain'] / ms['packed']:.2f}x |  (max abs log-prob difference {diff:.1e})", flush=True)
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=0, help="timed passes per forward (0: 15 tiny, 3 small)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"# torch {torch.__version__}, {a.threads} thread(s)")
+    print("| size | rows x max len | tokens: plain / kv_cache / packed | plain ms | kv_cache ms | packed ms | plain / packed |")
+    print("|---|---|---|---|---|---|---|")
+    for size in a.sizes.split(","):
+        bench_size(size, a)
+
+if __name__ == "__main__":
+    main()

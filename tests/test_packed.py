@@ -1,0 +1,145 @@
+"""The packed forward (rlopt/logprobs/packed.py): a hand-derived layout, then log-probs and
+parameter gradients against the plain forward in float64 (left-padded prompts of different
+lengths, groups in any row order, one-token completions, the chunked LM head), and when
+CompletionLogProbs packs, shares the KV cache or runs the plain forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlopt.logprobs import CompletionLogProbs
+from rlopt.logprobs.packed import pack_layout, packed_forward, supports_packing
+from rlopt.logprobs.shared_prompt import prompt_plan
+from rlopt.rollout import Completions
+
+from .test_shared_prompt import (
+    _assert_grads_close,
+    _grads,
+    _model,
+    _plain_logp,
+    _rollout,
+)
+
+
+def _packed_logp(model, ro: Completions) -> torch.Tensor:
+    layout = pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask))
+    logits = packed_forward(model, ro, layout)
+    return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
+
+
+def _three_rows() -> Completions:
+    """Rows A, C, B: A and B share the prompt [5, 6] (left-padded to 3), C has [9, 4, 3].
+    Completions (1 = EOS, 0 = pad): A = 7 8 1 (3 tokens), C = 2 1 (2), B = 3 1 (2)."""
+    pid = torch.tensor([[0, 5, 6], [9, 4, 3], [0, 5, 6]])
+    pm = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
+    comp = torch.tensor([[7, 8, 1], [2, 1, 0], [3, 1, 0]])
+    cm = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    return Completions(pid, pm, comp, cm, torch.zeros(3, dtype=torch.bool))
+
+
+def test_layout_by_hand():
+    ro = _three_rows()
+    plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
+    assert plan.inverse.tolist() == [0, 1, 0] and plan.first.tolist() == [0, 1]
+    lay = pack_layout(ro, plan)
+    # group 0: prompt 5 6, then A's inputs 7 8 (its last token, EOS, predicts nothing), then B's 3
+    # group 1: prompt 9 4 3, then C's input 2, then one pad column (row length 5 = the longest)
+    assert lay.ids.tolist() == [[5, 6, 7, 8, 3], [9, 4, 3, 2, 0]]
+    # positions continue each completion from its prompt's end: B's first token sits at 2, like A's
+    assert lay.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]
+    m = lay.mask[:, 0].int().tolist()  # [U, R, R] query x key
+    assert m[0] == [[1, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0],
+                    [1, 1, 1, 0, 0],
+                    [1, 1, 1, 1, 0],
+                    [1, 1, 0, 0, 1]]  # B's token sees the prompt and itself, not A
+    assert m[1] == [[1, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0],
+                    [1, 1, 1, 0, 0],
+                    [1, 1, 1, 1, 0],
+                    [0, 0, 0, 0, 1]]  # the pad column sees only itself (no empty softmax)
+    # flat index u * 5 + position of the state predicting token j: j = 0 from the prompt's last
+    # position (1 in group 0, 2 in group 1); j >= 1 from token j - 1; past the end: the prompt's last
+    assert lay.gather.tolist() == [[1, 2, 3], [7, 8, 7], [1, 4, 1]]
+
+
+def test_layout_refusals():
+    ro = _three_rows()
+    plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
+    assert pack_layout(ro, plan, max_row=4) is None and pack_layout(ro, plan, max_row=5) is not None
+    holes = Completions(ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
+                        torch.tensor([[1, 0, 1], [1, 1, 0], [1, 1, 0]]), ro.truncated)
+    assert pack_layout(holes, plan) is None  # a token after a masked one would be dropped
+    empty = Completions(ro.prompt_ids, torch.tensor([[0, 0, 0], [1, 1, 1], [0, 0, 0]]), ro.completion_ids,
+                        ro.completion_mask, ro.truncated)
+    assert pack_layout(empty, prompt_plan(empty.prompt_ids, empty.prompt_mask)) is None
+
+
+@pytest.mark.parametrize("t", [1, 2, 5])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_logprobs_and_gradients_equal_the_plain_forward(t, tie, shuffle):
+    model = _model(tie=tie)
+    ro = _rollout(g=3, t=t)
+    if shuffle:
+        ro = ro.select(torch.tensor([4, 0, 8, 1, 3, 7, 2, 6, 5]))
+    w = torch.randn(ro.completion_ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = _plain_logp(model, ro)
+    got = _packed_logp(model, ro)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+
+
+def test_every_prompt_distinct_and_hidden_states_for_the_chunked_head():
+    from rlopt.algorithms.lm_head import chunked_lm_head_logprobs, split_causal_lm
+
+    model = _model(tie=True)
+    ro = _rollout(g=4, t=4)
+    decoder, weight, bias = split_causal_lm(model)
+    hid = packed_forward(decoder, ro, pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask)), hidden=True)
+    got = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, 1.0, chunk_rows=5, mask=ro.completion_mask)
+    w = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = _plain_logp(model, ro)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+    one = ro.select(torch.tensor([0, 4, 8]))  # no two rows share a prompt: one row each
+    lay = pack_layout(one, None)
+    assert lay.ids.shape[0] == 3
+    logits = packed_forward(model, one, lay)
+    got = logits.log_softmax(-1).gather(-1, one.completion_ids[..., None]).squeeze(-1) * one.completion_mask
+    torch.testing.assert_close(got, _plain_logp(model, one), rtol=0, atol=1e-12)
+
+
+def test_which_forward_completion_logprobs_runs(monkeypatch):
+    """Packs by default on SDPA models; a row longer than pack_max_row, pack=False or eager
+    attention share the KV cache instead; dropout shares nothing. All give the plain values."""
+    from rlopt.logprobs import completion
+
+    calls: list[str] = []
+    real_packed, real_states = completion.packed_forward, completion.completion_states
+    monkeypatch.setattr(completion, "packed_forward", lambda *a, **k: calls.append("packed") or real_packed(*a, **k))
+    monkeypatch.setattr(completion, "completion_states",
+                        lambda m, ro, plan, **k: calls.append("shared" if plan is not None else "plain")
+                        or real_states(m, ro, plan, **k))
+    ro = _rollout(g=3, t=5)
+    cases = [({}, "sdpa", "packed"), ({"pack_max_row": 8}, "sdpa", "shared"), ({"pack": False}, "sdpa", "shared"),
+             ({}, "eager", "shared"), ({"share_prompt": False}, "sdpa", "plain")]
+    for kwargs, attn, expected in cases:
+        model = _model(attn=attn)
+        calls.clear()
+        # eager attention gives NaN on left-padded rows in the plain forward too (see test_shared_prompt)
+        r = ro if attn == "sdpa" else _rollout(g=3, t=5, padded=False)
+        logp, _ = CompletionLogProbs(**kwargs)(model, r)
+        assert calls == [expected], (kwargs, attn)
+        torch.testing.assert_close(logp * r.completion_mask, _plain_logp(model, r), rtol=0, atol=1e-12)
+    model = _model()
+    model.config.attention_dropout = 0.1
+    assert not supports_packing(model) and supports_packing(_model())
+    assert CompletionLogProbs().plan(model, ro) is None  # neither packing nor the KV cache
+    model = _model()
+    model.gradient_checkpointing_enable()  # no KV cache in training, but packing needs none
+    assert supports_packing(model)
+    with pytest.raises(ValueError, match="pack_max_row"):
+        CompletionLogProbs(pack_max_row=0)
