@@ -171,6 +171,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 _STARTED: list[bool] = []  # set once the task function runs: later failures are not config errors
 
 
+_TAKES_VALUE = {"--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp", "--cfg", "-c",
+                "--package", "-p", "--experimental-rerun"}
+_INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info's optional value
+
+
+def _first_override(argv: list[str]) -> int:
+    """Index of the first Hydra override in ``argv`` (len(argv) when there is none)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _TAKES_VALUE or (a == "--info" and i + 1 < len(argv) and argv[i + 1] in _INFO):
+            i += 2
+        elif a.startswith("-"):
+            i += 1
+        else:
+            return i
+    return len(argv)
+
+
 def with_shipped_sweeps(argv: list[str]) -> list[str]:
     """Command-line arguments with the shipped sweeps on Hydra's search path (so a sweep file of
     the user's own can say ``defaults: [sweep_base]``), and, when ``--config-name`` names a sweep
@@ -178,7 +197,9 @@ def with_shipped_sweeps(argv: list[str]) -> list[str]:
     dir: ``rlopt-train --config-name grpo_vs_gspo -m`` works from any folder."""
     argv = list(argv)
     if not any(a.startswith("hydra.searchpath") for a in argv):
-        argv.append(f"hydra.searchpath=[file://{sweeps_dir()}]")
+        # next to the user's overrides: Hydra's parser takes one run of them (`... --cfg job` after
+        # the overrides would otherwise leave a second run it rejects)
+        argv.insert(_first_override(argv), f"hydra.searchpath=[file://{sweeps_dir()}]")
     name = None
     for i, a in enumerate(argv):
         if a in ("--config-name", "-cn") and i + 1 < len(argv):

@@ -375,3 +375,17 @@ def test_unknown_algorithm_lists_the_choices(tmp_path):
     assert "no_such_algo" in msg
     for name in ALGORITHMS:
         assert name in msg
+
+
+def test_the_shipped_sweeps_join_the_users_overrides():
+    """rlopt-train adds the sweeps folder to Hydra's search path next to the user's overrides, so
+    Hydra's parser (one run of overrides) still takes options after them (``--cfg job``)."""
+    from rlopt.train import sweeps_dir, with_shipped_sweeps
+
+    path = f"hydra.searchpath=[file://{sweeps_dir()}]"
+    argv = with_shipped_sweeps(["--config-name", "staleness", "size=quick", "seed=1", "--cfg", "job"])
+    assert argv == ["--config-dir", sweeps_dir(), "--config-name", "staleness", path, "size=quick", "seed=1",
+                    "--cfg", "job"]
+    assert with_shipped_sweeps(["--info", "config", "seed=1"]) == ["--info", "config", path, "seed=1"]
+    assert with_shipped_sweeps(["-m"]) == ["-m", path]
+    assert with_shipped_sweeps(["seed=1", "hydra.searchpath=[file:///x]"]) == ["seed=1", "hydra.searchpath=[file:///x]"]
