@@ -212,6 +212,15 @@ def test_async_refuses_what_it_cannot_combine(tmp_path):
             _fit(tmp_path, "offpolicy.async=true", f"offpolicy.{key}=0")
 
 
+def test_too_little_shared_memory_is_refused_before_the_worker_starts(tmp_path, monkeypatch):
+    import rlopt.rollout.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "shared_memory_free", lambda path="/dev/shm": 1024)
+    with pytest.raises(ValueError, match=r"shared memory for the weights \(max_lag \+ 2 = 3 copies.*--shm-size"):
+        _fit(tmp_path, "offpolicy.async=true")
+    assert children(os.getpid()) == []  # refused before spawning
+
+
 def test_trainer_threads_sets_this_process_threads(tmp_path):
     before = torch.get_num_threads()
     try:

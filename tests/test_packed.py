@@ -13,13 +13,7 @@ from rlopt.logprobs.packed import pack_layout, packed_forward, supports_packing
 from rlopt.logprobs.shared_prompt import prompt_plan
 from rlopt.rollout import Completions
 
-from .test_shared_prompt import (
-    _assert_grads_close,
-    _grads,
-    _model,
-    _plain_logp,
-    _rollout,
-)
+from .test_shared_prompt import _assert_grads_close, _grads, _model, _plain_logp, _rollout
 
 
 def _packed_logp(model, ro: Completions) -> torch.Tensor:

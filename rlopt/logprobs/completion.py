@@ -22,21 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..algorithms import token_logprobs
-from ..algorithms.lm_head import (
-    auto_chunk_rows,
-    chunked_lm_head_logprobs,
-    saved_rows_for,
-    split_causal_lm,
-)
+from ..algorithms.lm_head import auto_chunk_rows, chunked_lm_head_logprobs, saved_rows_for, split_causal_lm
 from ..algorithms.registry import check_range
 from ..rollout.base import Completions
 from .packed import PackLayout, pack_layout, packed_forward, supports_packing
-from .shared_prompt import (
-    PromptPlan,
-    completion_states,
-    prompt_plan,
-    supports_shared_prompt,
-)
+from .shared_prompt import PromptPlan, completion_states, prompt_plan, supports_shared_prompt
 
 
 class CompletionLogProbs:

@@ -44,6 +44,25 @@ class RolloutWorkerError(RuntimeError):
     """The rollout worker died or failed; the message names it and the rollout step."""
 
 
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory file system (None where there is none to ask)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shared_memory(need: int, max_lag: int) -> None:
+    """Refuse to start when the weight slots would not fit in shared memory (writing past its end
+    kills the process with SIGBUS instead of raising)."""
+    free = shared_memory_free()
+    if free is not None and free < need:
+        raise ValueError(f"offpolicy.async needs {need / 2**20:.0f} MiB of shared memory for the weights "
+                         f"(max_lag + 2 = {max_lag + 2} copies of the parameters), but /dev/shm has "
+                         f"{free / 2**20:.0f} MiB free: enlarge it (docker run --shm-size=...) or lower offpolicy.max_lag")
+
+
 class AsyncRollouts:
     def __init__(self, max_lag: int = 1, worker_threads: int = 1, name: str = "rollout-worker") -> None:
         self.max_lag = int(check_range("offpolicy.max_lag", max_lag, low=1))
@@ -86,6 +105,7 @@ class AsyncRollouts:
         # step would cost a shared-memory segment and a socket round trip each time)
         first = next(policy.parameters())
         numel = sum(p.numel() for p in policy.parameters())
+        check_shared_memory(numel * first.element_size() * (self.max_lag + 2), self.max_lag)
         self.slots = [torch.empty(numel, dtype=first.dtype).share_memory_() for _ in range(self.max_lag + 2)]
         self.process = ctx.Process(target=serve, name=self.name, daemon=True, args=(
             model, engine, tokenizer.eos_token_id, tokenizer.pad_token_id, self.worker_threads, self.jobs, self.weights,
