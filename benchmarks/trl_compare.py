@@ -213,7 +213,7 @@ def worker_rlopt(a) -> dict:
     if a.worker == "rlopt_async":  # generation in a worker process with its own threads, one batch ahead
         from rlopt.rollout.pipeline import AsyncRollouts
 
-        pipeline = AsyncRollouts(max_lag=1, worker_threads=a.worker_threads)
+        pipeline = AsyncRollouts(max_lag=1, worker_threads=a.worker_threads, borrow_threads=a.borrow_threads)
     engine_cls = KVCacheSampler if a.rlopt_rollout == "lean" else HFGenerate
     engine = engine_cls(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=spec["max_new_tokens"])
     ratio = TokenRatio() if algo["ratio"] == "token" else SequenceRatio()
@@ -362,7 +362,7 @@ def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--size", size, "--algo", algo,
            "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(threads),
            "--worker-threads", str(a.worker_threads), "--rlopt-staleness", str(a.rlopt_staleness),
-           "--rlopt-correction", a.rlopt_correction,
+           "--rlopt-correction", a.rlopt_correction] + (["--borrow-threads"] if a.borrow_threads else []) + [
            "--seed", str(a.seed), "--rlopt-rollout", a.rlopt_rollout] + (["--profile"] if a.profile else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trl-threads", type=int, default=None, help="TRL's torch threads (default: --threads)")
     ap.add_argument("--worker-threads", type=int, default=1,
                     help="rlopt_async: the rollout worker's torch threads (the trainer has --threads)")
+    ap.add_argument("--borrow-threads", action="store_true",
+                    help="rlopt_async: the update takes the worker's threads while the worker idles "
+                         "(offpolicy.borrow_threads)")
     ap.add_argument("--rlopt-staleness", type=int, default=0,
                     help="rlopt (sync): offpolicy.staleness, e.g. 1 = the data of rlopt_async, sampled in-process")
     ap.add_argument("--rlopt-correction", default="none",

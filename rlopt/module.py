@@ -374,6 +374,8 @@ class PolicyOptModule(L.LightningModule):
                 for _ in range(passes - len(chunks)):  # fewer rows here than on another rank
                     self._idle_pass(ro)
                 for idx in chunks:
+                    if self.pipeline is not None:
+                        self.pipeline.lend_idle_threads()  # offpolicy.borrow_threads: the worker idles
                     logp, ent = self.completion_logprobs(self.policy, ro.select(idx), with_entropy=with_entropy)
                     if old_logp is not None:
                         old = old_logp[idx]  # [n, T]

@@ -90,7 +90,8 @@ def async_rollouts(off: Any) -> AsyncRollouts | None:
         return None
     if off.get("trainer_threads") is not None:
         torch.set_num_threads(int(check_range("offpolicy.trainer_threads", off.trainer_threads, low=1)))
-    return AsyncRollouts(max_lag=int(off.get("max_lag", 1)), worker_threads=int(off.get("worker_threads", 1)))
+    return AsyncRollouts(max_lag=int(off.get("max_lag", 1)), worker_threads=int(off.get("worker_threads", 1)),
+                         borrow_threads=bool(off.get("borrow_threads", False)))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -212,6 +212,42 @@ def test_async_refuses_what_it_cannot_combine(tmp_path):
             _fit(tmp_path, "offpolicy.async=true", f"offpolicy.{key}=0")
 
 
+def test_borrowed_threads_while_the_worker_idles(tmp_path):
+    """offpolicy.borrow_threads: the update takes the worker's threads once everything asked for
+    has come back, and gives them back when the next step asks the worker again (and at the end)."""
+    from collections import deque
+
+    from rlopt.rollout.pipeline import AsyncRollouts
+
+    class Results:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def qsize(self) -> int:
+            return self.n
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        pipe = AsyncRollouts(worker_threads=1, borrow_threads=True)
+        pipe.own_threads, pipe.process, pipe.results, pipe.inflight = 1, object(), Results(), deque([(3, ["p"])])
+        pipe.lend_idle_threads()
+        assert torch.get_num_threads() == 1 and not pipe.borrowed  # the worker is still sampling step 3
+        pipe.results.n = 1
+        pipe.lend_idle_threads()
+        assert torch.get_num_threads() == 2 and pipe.borrowed
+        pipe._return_threads()
+        assert torch.get_num_threads() == 1 and not pipe.borrowed
+        pipe.borrow_threads = False
+        pipe.lend_idle_threads()
+        assert torch.get_num_threads() == 1  # off by default
+        module, _, trainer = _fit(tmp_path, "steps=3", "offpolicy.async=true", "offpolicy.borrow_threads=true",
+                                  "offpolicy.trainer_threads=1")
+        assert trainer.global_step == 3 and module.pipeline.borrow_threads and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_too_little_shared_memory_is_refused_before_the_worker_starts(tmp_path, monkeypatch):
     import rlopt.rollout.pipeline as pipeline
 

@@ -64,9 +64,13 @@ def check_shared_memory(need: int, max_lag: int) -> None:
 
 
 class AsyncRollouts:
-    def __init__(self, max_lag: int = 1, worker_threads: int = 1, name: str = "rollout-worker") -> None:
+    def __init__(self, max_lag: int = 1, worker_threads: int = 1, borrow_threads: bool = False,
+                 name: str = "rollout-worker") -> None:
         self.max_lag = int(check_range("offpolicy.max_lag", max_lag, low=1))
         self.worker_threads = int(check_range("offpolicy.worker_threads", worker_threads, low=1))
+        self.borrow_threads = bool(borrow_threads)
+        self.own_threads = torch.get_num_threads()  # the trainer's own (set at start)
+        self.borrowed = False
         self.name = name
         self.process: Any = None
         self.inflight: deque[tuple[int, list[str]]] = deque()  # (step, prompts) asked for, not yet received
@@ -111,12 +115,14 @@ class AsyncRollouts:
             model, engine, tokenizer.eos_token_id, tokenizer.pad_token_id, self.worker_threads, self.jobs, self.weights,
             self.results, os.getpid(), self.slots))
         self.process.start()
+        self.own_threads, self.borrowed = torch.get_num_threads(), False
         self.inflight.clear()
         self.sent.clear()
         self.next_step = 0
 
     def close(self) -> None:
         """Stop the worker (asked, then terminated, then killed) and release the queues; idempotent."""
+        self._return_threads()
         proc, self.process = self.process, None
         if proc is None:
             return
@@ -144,6 +150,7 @@ class AsyncRollouts:
         trainer's now) and the next batch(es) to sample."""
         if self.process is None:
             raise RolloutWorkerError(f"{self.name} is not running (start() it before rollout step {step})")
+        self._return_threads()  # the worker is about to sample again
         if self.deterministic:
             if not self.inflight:  # first step of this process: the batch of `step` was never asked for
                 key, ver, flat = self.resume if self.resume is not None else (step - 1, version, weights)
@@ -160,6 +167,21 @@ class AsyncRollouts:
                 self._ask(self.next_step, want=step, exact=False)
                 self.next_step += 1
         return self._receive(step, prompts)
+
+    def lend_idle_threads(self) -> None:
+        """``borrow_threads``: once the worker has handed in everything asked for (it idles until
+        the next step), this process takes its threads too; ``completions`` gives them back. Call
+        it between the update's passes. Changes the thread count mid-update, so the arithmetic
+        (and the bit-for-bit equality with synchronous staleness) depends on timing."""
+        if self.borrow_threads and not self.borrowed and self.process is not None and self.inflight \
+                and self.results.qsize() >= len(self.inflight):
+            torch.set_num_threads(self.own_threads + self.worker_threads)
+            self.borrowed = True
+
+    def _return_threads(self) -> None:
+        if self.borrowed:
+            torch.set_num_threads(self.own_threads)
+            self.borrowed = False
 
     def _send_weights(self, key: int, version: int, flat: Tensor) -> None:
         """Into slot ``key % len(slots)`` unless a key still in use holds it (the worker is past a
