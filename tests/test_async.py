@@ -249,7 +249,7 @@ def test_borrowed_threads_while_the_worker_idles(tmp_path):
 
 
 def test_too_little_shared_memory_is_refused_before_the_worker_starts(tmp_path, monkeypatch):
-    import rlopt.rollout.pipeline as pipeline
+    from rlopt.rollout import pipeline
 
     monkeypatch.setattr(pipeline, "shared_memory_free", lambda path="/dev/shm": 1024)
     with pytest.raises(ValueError, match=r"shared memory for the weights \(max_lag \+ 2 = 3 copies.*--shm-size"):

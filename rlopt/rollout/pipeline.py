@@ -173,8 +173,13 @@ class AsyncRollouts:
         the next step), this process takes its threads too; ``completions`` gives them back. Call
         it between the update's passes. Changes the thread count mid-update, so the arithmetic
         (and the bit-for-bit equality with synchronous staleness) depends on timing."""
-        if self.borrow_threads and not self.borrowed and self.process is not None and self.inflight \
-                and self.results.qsize() >= len(self.inflight):
+        if not self.borrow_threads or self.borrowed or self.process is None or not self.inflight:
+            return
+        try:
+            done = self.results.qsize() >= len(self.inflight)
+        except NotImplementedError:  # macOS: no sem_getvalue
+            return
+        if done:
             torch.set_num_threads(self.own_threads + self.worker_threads)
             self.borrowed = True
 
