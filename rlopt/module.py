@@ -41,7 +41,7 @@ from .conf import check_parts
 from .console import ignore_reference_eval_mode_warning
 from .data import check_prompts_fit
 from .guard import NonFiniteError, UpdateGuard  # noqa: F401 - NonFiniteError: re-exported
-from .logprobs import CompletionLogProbs, PromptPlan, by_length
+from .logprobs import CompletionLogProbs, by_length
 from .metrics import MetricAccumulator, log_step, repeat_each, step_scalars, validate
 from .models import is_peft, prepare_tokenizer
 from .rewards import RewardSet
@@ -78,13 +78,9 @@ class PolicyOptModule(L.LightningModule):
         log_entropy: compute and log the per-token entropy (a softmax over the vocabulary per update).
         max_consecutive_skips: this many non-finite updates in a row stop the run.
         seed: the seed of the sampling noise, drawn from ``(seed, step, rank)`` every step.
-        chunked_lm_head: log-probs via a chunked LM head, never the full ``[N, T, V]`` logits.
-        lm_head_chunk_rows: rows per chunk of the chunked head (None: sized from the vocabulary).
-        lm_head_saved_mib: MiB of logits the chunked head keeps for its backward.
-        share_prompt: one forward per distinct prompt, shared by its G completions.
-        pack: share it by packing a prompt and its completions into one row (SDPA models; else the
-            prompt's KV cache is shared).
-        pack_max_row: longest packed row in tokens; longer passes share the KV cache instead.
+        logprobs: a ``CompletionLogProbs`` (logprobs/: the shared-prompt forward, packed or through
+            the KV cache, and the chunked LM head); None: the defaults. Its temperature must be
+            the rollout engine's.
         entropy_controller: an ``AdaptiveEntropyCoef`` (Skywork-OR1) that sets ``objective.entropy_coef``
             after every rollout step from the step's mean token entropy; None keeps it constant.
         ref_sync_every: every k rollout steps mix the policy into the reference model,
@@ -118,12 +114,7 @@ class PolicyOptModule(L.LightningModule):
         log_entropy: bool = True,
         max_consecutive_skips: int = 5,
         seed: int = 0,
-        chunked_lm_head: bool = False,
-        lm_head_chunk_rows: int | None = None,
-        lm_head_saved_mib: float = 0.0,
-        share_prompt: bool = True,
-        pack: bool = True,
-        pack_max_row: int = 2048,
+        logprobs: CompletionLogProbs | None = None,
         entropy_controller: Any = None,
         ref_sync_every: int = 0,
         ref_sync_alpha: float = 0.6,
@@ -150,11 +141,10 @@ class PolicyOptModule(L.LightningModule):
         self.log_entropy = bool(log_entropy)
         self.guard = UpdateGuard(max_grad_norm, max_consecutive_skips)  # clip; skip non-finite updates (guard.py)
         self.seed = int(seed)
-        self.share_prompt = bool(share_prompt)
-        self.logprobs = CompletionLogProbs(self.rollout.temperature, share_prompt=share_prompt, pack=pack,
-                                           pack_max_row=pack_max_row,
-                                           chunked_lm_head=chunked_lm_head, chunk_rows=lm_head_chunk_rows,
-                                           saved_mib=lm_head_saved_mib)
+        self.logprobs = logprobs or CompletionLogProbs(self.rollout.temperature)
+        if self.logprobs.temperature != float(self.rollout.temperature):
+            raise ValueError(f"logprobs.temperature {self.logprobs.temperature} differs from the rollout engine's "
+                             f"{self.rollout.temperature}: the update's log-probs must be the sampling distribution's")
         check_parts(advantage, objective, self.group_size, micro_batch_size, self.ppo_epochs, self.num_minibatches)
         # A reference policy exists only when the KL term is active (a frozen copy of the start).
         self.ref_policy = None
@@ -182,7 +172,7 @@ class PolicyOptModule(L.LightningModule):
             "reward_greedy", "reward_sampled", "accuracy_greedy", "accuracy_sampled")})
         self.save_hyperparameters(ignore=["policy", "tokenizer", "advantage", "objective", "rewards",
                                           "optimizer", "scheduler", "rollout", "accuracy_fn", "entropy_controller",
-                                          "async_rollouts"])
+                                          "async_rollouts", "logprobs"])
 
     # ----------------------------------------------------------------------------- set-up
     @property
@@ -258,9 +248,6 @@ class PolicyOptModule(L.LightningModule):
                             ) -> tuple[Tensor, Tensor | None]:
         """Log-probs ``[n, T]`` (and entropy) of the completion tokens under ``model`` (logprobs/)."""
         return self.logprobs(model, ro, with_entropy=with_entropy, sharded=_dist.is_sharded(self.policy))
-
-    def _prompt_plan(self, model: torch.nn.Module, ro: Completions) -> PromptPlan | None:
-        return self.logprobs.plan(model, ro, sharded=_dist.is_sharded(self.policy))
 
     def reference_logprobs(self, ro: Completions) -> Tensor | None:
         """Log-probs ``[N, T]`` under the reference policy, or None when there is no KL term."""
@@ -369,7 +356,7 @@ class PolicyOptModule(L.LightningModule):
         for _epoch in range(self.ppo_epochs):
             for mb, passes in ranks.minibatch_plan(n, micro, gen, self.num_minibatches, g, rank, world, self.whole_groups):
                 opt.zero_grad(set_to_none=True)
-                order = by_length(mb.to(self.device), ro, micro, g if self.share_prompt or self.whole_groups else 1)
+                order = by_length(mb.to(self.device), ro, micro, g if self.logprobs.share_prompt or self.whole_groups else 1)
                 chunks = list(order.split(micro)) if len(mb) else []
                 for _ in range(passes - len(chunks)):  # fewer rows here than on another rank
                     self._idle_pass(ro)

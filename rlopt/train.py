@@ -28,6 +28,7 @@ from .algorithms.regularisers import AdaptiveEntropyCoef
 from .conf import check_config
 from .console import RewardProgressBar, algorithm_line, quiet_libraries
 from .data import PromptDataModule
+from .logprobs import CompletionLogProbs
 from .module import PolicyOptModule
 from .resources import config_dir, sweeps_dir
 from .rewards import RewardSet
@@ -64,10 +65,10 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         num_minibatches=cfg.num_minibatches, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
         accuracy_fn=instantiate(cfg.task.accuracy_fn) if cfg.task.get("accuracy_fn") else None,
         log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
-        chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
-        lm_head_saved_mib=float(cfg.get("lm_head_saved_mib", 0)),
-        share_prompt=bool(cfg.get("share_prompt", True)),
-        pack=bool(cfg.get("pack", True)), pack_max_row=int(cfg.get("pack_max_row", 2048)),
+        logprobs=CompletionLogProbs(parts["rollout"].temperature, share_prompt=bool(cfg.get("share_prompt", True)),
+                                    pack=bool(cfg.get("pack", True)), pack_max_row=int(cfg.get("pack_max_row", 2048)),
+                                    chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
+                                    saved_mib=float(cfg.get("lm_head_saved_mib", 0))),
         log_entropy=bool(cfg.get("log_entropy", True)),
         entropy_controller=AdaptiveEntropyCoef.from_config(cfg.entropy) if cfg.entropy.get("adaptive") else None,
         ref_sync_every=int(cfg.kl.get("ref_sync_every") or 0), ref_sync_alpha=float(cfg.kl.get("ref_sync_alpha", 0.6)),

@@ -199,6 +199,7 @@ def test_bad_shapes_are_rejected():
 # ----------------------------------------------------------------------------- in PolicyOptModule
 def _module(model, chunked, temperature=0.8):
     from rlopt.algorithms import build_preset
+    from rlopt.logprobs import CompletionLogProbs
     from rlopt.module import PolicyOptModule
     from rlopt.rewards import RewardSet, partial_match
     from rlopt.rollout import HFGenerate
@@ -207,7 +208,7 @@ def _module(model, chunked, temperature=0.8):
     adv, obj = build_preset("grpo")
     return PolicyOptModule(model, build_tokenizer(), adv, obj, RewardSet({"m": partial_match}),
                            rollout=HFGenerate(temperature=temperature, max_new_tokens=6), group_size=2,
-                           chunked_lm_head=chunked, lm_head_chunk_rows=5)
+                           logprobs=CompletionLogProbs(temperature, chunked_lm_head=chunked, chunk_rows=5))
 
 
 def _models():

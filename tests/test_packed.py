@@ -1,7 +1,7 @@
-"""The packed forward (rlopt/logprobs/packed.py): a hand-derived layout, then log-probs and
-parameter gradients against the plain forward in float64 (left-padded prompts of different
-lengths, groups in any row order, one-token completions, the chunked LM head), and when
-CompletionLogProbs packs, shares the KV cache or runs the plain forward."""
+"""The packed forward (rlopt/logprobs/packed.py): a hand-derived layout, its refusals, log-probs
+and parameter gradients against the plain forward in float64 for all-distinct prompts and the
+chunked LM head (the general equality, next to the KV-cache forward's: test_shared_prompt.py), and
+when CompletionLogProbs packs, shares the KV cache or runs the plain forward."""
 
 from __future__ import annotations
 
@@ -13,13 +13,7 @@ from rlopt.logprobs.packed import pack_layout, packed_forward, supports_packing
 from rlopt.logprobs.shared_prompt import prompt_plan
 from rlopt.rollout import Completions
 
-from .test_shared_prompt import _assert_grads_close, _grads, _model, _plain_logp, _rollout
-
-
-def _packed_logp(model, ro: Completions) -> torch.Tensor:
-    layout = pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask))
-    logits = packed_forward(model, ro, layout)
-    return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
+from .test_shared_prompt import _assert_matches_plain, _model, _plain_logp, _rollout
 
 
 def _three_rows() -> Completions:
@@ -70,22 +64,6 @@ def test_layout_refusals():
     assert pack_layout(empty, prompt_plan(empty.prompt_ids, empty.prompt_mask)) is None
 
 
-@pytest.mark.parametrize("t", [1, 2, 5])
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_logprobs_and_gradients_equal_the_plain_forward(t, tie, shuffle):
-    model = _model(tie=tie)
-    ro = _rollout(g=3, t=t)
-    if shuffle:
-        ro = ro.select(torch.tensor([4, 0, 8, 1, 3, 7, 2, 6, 5]))
-    w = torch.randn(ro.completion_ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    ref = _plain_logp(model, ro)
-    got = _packed_logp(model, ro)
-    assert got.shape == ref.shape
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
-    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
-
-
 def test_every_prompt_distinct_and_hidden_states_for_the_chunked_head():
     from rlopt.algorithms.lm_head import chunked_lm_head_logprobs, split_causal_lm
 
@@ -94,10 +72,7 @@ def test_every_prompt_distinct_and_hidden_states_for_the_chunked_head():
     decoder, weight, bias = split_causal_lm(model)
     hid = packed_forward(decoder, ro, pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask)), hidden=True)
     got = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, 1.0, chunk_rows=5, mask=ro.completion_mask)
-    w = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref = _plain_logp(model, ro)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
-    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+    _assert_matches_plain(model, ro, got, seed=3)
     one = ro.select(torch.tensor([0, 4, 8]))  # no two rows share a prompt: one row each
     lay = pack_layout(one, None)
     assert lay.ids.shape[0] == 3

@@ -219,9 +219,9 @@ def test_performance_keys_reach_the_module_and_bad_values_are_named(tmp_path):
     cfg = compose_train(tmp_path, ["chunked_lm_head=true", "lm_head_saved_mib=64", "share_prompt=false",
                                    "rollout.share_prefill=false"])
     module, _, trainer = fit(cfg)
-    assert module.logprobs.saved_mib == 64.0 and not module.share_prompt and not module.rollout.share_prefill
+    assert module.logprobs.saved_mib == 64.0 and not module.logprobs.share_prompt and not module.rollout.share_prefill
     assert trainer.global_step == 2
     default = build(compose_train(tmp_path / "d"))[0]
-    assert default.share_prompt and default.logprobs.saved_mib == 0.0 and default.rollout.share_prefill
+    assert default.logprobs.share_prompt and default.logprobs.saved_mib == 0.0 and default.rollout.share_prefill
     with pytest.raises(ValueError, match="lm_head_saved_mib"):
         build(compose_train(tmp_path / "bad", ["lm_head_saved_mib=-1"]))

@@ -1,6 +1,7 @@
-"""The shared-prompt forward (rlopt/logprobs/shared_prompt.py) against the plain forward, in float64:
-the same log-probs and the same parameter gradients, with left-padded prompts of different
-lengths, completions ending at different steps, one-token completions, and the chunked LM head."""
+"""The shared-prompt forwards (rlopt/logprobs/shared_prompt.py: the KV cache; packed.py: packed
+rows) against the plain forward, in float64: the same log-probs and the same parameter gradients,
+with left-padded prompts of different lengths, completions ending at different steps, one-token
+completions, and the chunked LM head. The packed layout itself: tests/test_packed.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from rlopt.rollout import Completions, completion_mask_from
+from rlopt.logprobs.packed import pack_layout, packed_forward
 from rlopt.logprobs.shared_prompt import prompt_plan, shared_prompt_forward, supports_shared_prompt
 
 
@@ -47,9 +49,9 @@ def _plain_logp(model, ro: Completions) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
 
 
-def _shared_logp(model, ro: Completions) -> torch.Tensor:
+def _shared_logp(model, ro: Completions, packed: bool = False) -> torch.Tensor:
     plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
-    logits = shared_prompt_forward(model, ro, plan)
+    logits = packed_forward(model, ro, pack_layout(ro, plan)) if packed else shared_prompt_forward(model, ro, plan)
     return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
 
 
@@ -57,6 +59,16 @@ def _grads(model, logp: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
     (logp * w).sum().backward()
     return [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_matches_plain(model, ro: Completions, got: torch.Tensor, seed: int) -> None:
+    """``got`` [N, T] are the plain forward's log-probs, and so are the parameter gradients of a
+    random weighting of them."""
+    w = torch.randn(ro.completion_ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ref = _plain_logp(model, ro)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
 
 
 def _assert_grads_close(got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
@@ -90,20 +102,15 @@ def test_plan_groups_identical_prompts_only():
 @pytest.mark.parametrize("t", [1, 2, 5])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("shuffle", [False, True])  # contiguous groups (expand) / any order (index_select)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # a 4D boolean mask for SDPA; transformers' own for eager
-def test_logprobs_and_gradients_equal_the_plain_forward(t, tie, shuffle, attn):
-    model = _model(tie=tie, attn=attn)
+@pytest.mark.parametrize("attn,packed", [("sdpa", False), ("eager", False), ("sdpa", True)])  # packing: SDPA only
+def test_logprobs_and_gradients_equal_the_plain_forward(t, tie, shuffle, attn, packed):
+    model = _model(tie=tie, attn=attn)  # SDPA takes a 4D boolean mask; eager attention transformers' own
     # eager attention gives NaN on left-padded prompt rows in the *plain* forward too (transformers
     # 5.24, float64): compare it on unpadded prompts
     ro = _rollout(g=3, t=t, padded=attn == "sdpa")
     if shuffle:
         ro = ro.select(torch.tensor([4, 0, 8, 1, 3, 7, 2, 6, 5]))
-    w = torch.randn(ro.completion_ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    ref = _plain_logp(model, ro)
-    got = _shared_logp(model, ro)
-    assert got.shape == ref.shape
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
-    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+    _assert_matches_plain(model, ro, _shared_logp(model, ro, packed), seed=2)
 
 
 def test_hidden_states_for_the_chunked_head():
@@ -114,15 +121,13 @@ def test_hidden_states_for_the_chunked_head():
     decoder, weight, bias = split_causal_lm(model)
     hid = shared_prompt_forward(decoder, ro, prompt_plan(ro.prompt_ids, ro.prompt_mask), hidden=True)  # [N, T, H]
     got = chunked_lm_head_logprobs(hid, weight, ro.completion_ids, bias, 1.0, chunk_rows=5, mask=ro.completion_mask)
-    w = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref = _plain_logp(model, ro)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
-    _assert_grads_close(_grads(model, got, w), _grads(model, ref, w))
+    _assert_matches_plain(model, ro, got, seed=3)
 
 
 def test_module_uses_it_and_matches_share_prompt_false():
     """PolicyOptModule.completion_logprobs with and without sharing: same values and gradients."""
     from rlopt.algorithms import build_preset
+    from rlopt.logprobs import CompletionLogProbs
     from rlopt.module import PolicyOptModule
     from rlopt.rewards import RewardSet, exact_match
     from rlopt.tiny import build_tokenizer
@@ -133,8 +138,8 @@ def test_module_uses_it_and_matches_share_prompt_false():
     for share in (True, False):
         adv, obj = build_preset("grpo")
         m = PolicyOptModule(model, build_tokenizer(), adv, obj, RewardSet({"m": exact_match}), group_size=3,
-                            share_prompt=share)
-        assert (m._prompt_plan(model, ro) is not None) == share
+                            logprobs=CompletionLogProbs(share_prompt=share))
+        assert (m.logprobs.plan(model, ro) is not None) == share
         logp, ent = m.completion_logprobs(model, ro, with_entropy=True)
         mask = ro.completion_mask.double()  # values after EOS are never read (every objective masks them)
         out[share] = (logp.detach() * mask, ent.detach() * mask, _grads(model, logp, mask))
@@ -142,6 +147,10 @@ def test_module_uses_it_and_matches_share_prompt_false():
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-7)
     _assert_grads_close(out[True][2], out[False][2])
+    adv, obj = build_preset("grpo")  # the update's log-probs must be those of the sampling temperature
+    with pytest.raises(ValueError, match=r"logprobs.temperature 0.5 differs from the rollout engine's 1.0"):
+        PolicyOptModule(model, build_tokenizer(), adv, obj, RewardSet({"m": exact_match}), group_size=3,
+                        logprobs=CompletionLogProbs(temperature=0.5))
 
 
 def test_gradient_checkpointing_dropout_and_no_cache_argument_turn_it_off():
