@@ -68,10 +68,9 @@ def pack_layout(ro, plan: PromptPlan | None, max_row: int | None = None) -> Pack
     m_sorted = inputs[order]
     before = torch.cumsum(m_sorted, 0) - m_sorted  # [n] exclusive prefix sum over the grouped rows
     g_sorted = inverse[order]
-    group_start = torch.zeros(u, dtype=before.dtype, device=dev).scatter_reduce(
-        0, g_sorted, before, reduce="amin", include_self=False)  # [U]
+    group_first = torch.searchsorted(g_sorted, g_sorted)  # [n] sorted index of the group's first row
     offset = torch.empty_like(before)
-    offset[order] = p_len[g_sorted] + before - group_start[g_sorted]  # [n]
+    offset[order] = p_len[g_sorted] + before - before[group_first]  # [n]
     row_len = p_len + torch.zeros(u, dtype=inputs.dtype, device=dev).index_add_(0, inverse, inputs)  # [U]
     r = int(row_len.max())
     if max_row is not None and r > max_row:
