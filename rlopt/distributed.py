@@ -280,6 +280,23 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor] | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def flat_parameters(model: torch.nn.Module, names: list[str]) -> Tensor:
+    """The parameters named ``names`` as one flat tensor, in that order (``parameters_to_vector``
+    of the unsharded model when ``names`` is its ``named_parameters()`` order). Sharded (FSDP /
+    FSDP2): gathered with ``get_model_state_dict(full_state_dict=True)``, a collective every rank
+    must call; every rank gets the full values (on the parameters' device)."""
+    if not is_sharded(model):
+        params = dict(model.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in names])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KeyError(f"the sharded model's full state dict lacks {missing[:3]} (of {len(missing)} parameters)")
+    return torch.cat([state[n].detach().reshape(-1) for n in names])
+
+
 def export_policy(policy: torch.nn.Module, tokenizer: Any, path: str) -> str:
     """Save the policy and tokenizer with ``save_pretrained`` (transformers can reload them); a LoRA
     policy is exported merged (a plain transformers model).

@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping
 import lightning as L
 import torch
 from torch import Tensor
-from torch.nn.utils import parameters_to_vector
 from torchmetrics import MeanMetric
 
 from . import distributed as _dist
@@ -191,7 +190,10 @@ class PolicyOptModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP / FSDP2: shard the policy and the frozen reference per decoder block (rlopt.distributed);
-        a no-op under any other strategy. Runs before ``configure_optimizers``."""
+        a no-op under any other strategy. Runs before ``configure_optimizers``. The rollout worker's
+        copy of the policy is taken first (it samples with whole weights, gathered every step)."""
+        if self.pipeline is not None:
+            self.pipeline.prepare(self.policy)
         _dist.configure_sharding(self)
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -228,7 +230,7 @@ class PolicyOptModule(L.LightningModule):
         to train on given completions (tests feed a fixed batch)."""
         if self.pipeline is not None:  # sampled by the worker during the previous step, with its weights
             ro, self.behaviour.sampled_version = self.pipeline.completions(
-                self.global_step, batch["prompt"], parameters_to_vector(p.detach() for p in self.policy.parameters()), self.behaviour.version)
+                self.global_step, batch["prompt"], self.pipeline.flat_weights(self.policy), self.behaviour.version)
             return ro.to(self.device), self.decode(ro)
         ro = self.sample(batch["prompt"], self.group_size, behaviour=True)
         return ro, self.decode(ro)

@@ -259,9 +259,10 @@ SCENARIOS = {
     "train_fsdp2_grpo": lambda out: train(out, "fsdp2", "grpo", ["checkpoint_every=1",
                                                                   f"export_dir={out / 'train_fsdp2_grpo' / 'policy'}"]),
     "train_fsdp2_gspo": lambda out: train(out, "fsdp2", "gspo", ["export_dir=null"]),
-    # offpolicy.async: one rollout worker per rank, each sampling its rank's prompts one step ahead
-    "train_ddp_async": lambda out: train(out, "ddp", "grpo", ["export_dir=null", "offpolicy.async=true"],
-                                         name="train_ddp_async"),
+    # offpolicy.async: one rollout worker per rank, each sampling its rank's prompts one step ahead;
+    # under FSDP2 with whole weights gathered from the shards every step
+    **{f"train_{t}_async": (lambda out, t=t: train(out, t, "grpo", ["export_dir=null", "offpolicy.async=true", "steps=3"],
+                                                   name=f"train_{t}_async")) for t in ("ddp", "fsdp2")},
     "resume_fsdp2": resume,
     "generate_fsdp2": generate,
     **{f"exact_{t}_{n}": (lambda out, t=t, n=n: exact(out, t, n)) for t in ("ddp", "fsdp2") for n in EXACT},

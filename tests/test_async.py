@@ -111,6 +111,32 @@ def test_weights_go_through_a_free_slot_or_as_their_own_tensor():
     assert torch.is_tensor(pipe.weights.got[-1][2])
 
 
+def test_worker_copy_and_its_flat_weights(monkeypatch):
+    """``prepare`` copies the policy (before sharding) and ``flat_weights`` follows the copy's own
+    parameter order, tied weights once, so the worker's ``load_flat_`` reproduces the policy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlopt.rollout import pipeline as pl
+    from rlopt.rollout.worker import load_flat_
+
+    policy = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, tie_word_embeddings=True))
+    assert policy.get_output_embeddings().weight is policy.get_input_embeddings().weight  # tied
+    pipe = pl.AsyncRollouts()
+    pipe.prepare(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))  # the copy is the structure; its values come with the weights
+    flat = pipe.flat_weights(policy)
+    assert torch.equal(flat, torch.nn.utils.parameters_to_vector(policy.parameters()))
+    load_flat_(list(pipe.model.parameters()), flat)
+    for (n, a), (m, b) in zip(policy.named_parameters(), pipe.model.named_parameters()):
+        assert n == m and torch.equal(a, b), n
+    monkeypatch.setattr(pl, "is_sharded", lambda model: True)
+    with pytest.raises(ValueError, match=r"before sharding: AsyncRollouts.prepare\(policy\)"):
+        pl.AsyncRollouts().prepare(policy)
+
+
 def test_batch_at_is_the_loaders_kth_batch_across_epochs():
     dm = PromptDataModule(TaskSource(ReverseTask(), size=20), batch_size=6, seed=3)  # 3 batches an epoch
     dm.setup()

@@ -1,8 +1,9 @@
 """Asynchronous rollouts: a worker process samples the next batch while the trainer updates.
 
     pipe = AsyncRollouts(max_lag=1, worker_threads=1)             # offpolicy.async=true
+    pipe.prepare(policy)                                          # before sharding (configure_model)
     pipe.start(policy, engine, group_size, tokenizer, datamodule, encode, seed_at, last_step)
-    flat = torch.nn.utils.parameters_to_vector(p.detach() for p in policy.parameters())
+    flat = pipe.flat_weights(policy)                              # gathered when sharded: every rank
     ro, version = pipe.completions(step, prompts, flat, version)   # once per rollout step
     pipe.close()                                                  # CloseWorker does it on end / error
 
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms.registry import check_range
-from ..distributed import is_sharded
+from ..distributed import flat_parameters, is_sharded
 from .base import Completions
 from .worker import POLL_S, from_arrays, serve
 
@@ -79,12 +80,33 @@ class AsyncRollouts:
         self.resume: tuple[int, int, Tensor] | None = None  # (key, version, flat) of the batch in flight
         self.next_step = 0  # free-running: the next step to ask for
         self.gen_seconds = 0.0  # the worker's sampling time of the latest batch received
+        self.model: torch.nn.Module | None = None  # the worker's unsharded copy of the policy (prepare)
+        self.names: list[str] = []  # its parameters' names, in the order the flat weights follow
 
     @property
     def deterministic(self) -> bool:
         return self.max_lag == 1
 
     # ------------------------------------------------------------------------------- lifecycle
+    def prepare(self, policy: torch.nn.Module) -> None:
+        """Take the worker's copy of ``policy`` (and its parameter names) while it is still unsharded:
+        ``PolicyOptModule.configure_model`` calls it before FSDP shards the policy; ``start`` calls it
+        too (a no-op once a copy is held). Under FSDP each rank's worker samples with a whole
+        model, loaded from weights gathered by ``flat_weights``."""
+        if self.model is not None:
+            return
+        if is_sharded(policy):
+            raise ValueError("offpolicy.async=true with sharded weights (FSDP) needs the worker's copy taken before "
+                             "sharding: AsyncRollouts.prepare(policy) before fully_shard / FSDP(...) "
+                             "(PolicyOptModule.configure_model does it)")
+        self.model = copy.deepcopy(policy).requires_grad_(False)
+        self.names = [n for n, _ in policy.named_parameters()]
+
+    def flat_weights(self, policy: torch.nn.Module) -> Tensor:
+        """``policy``'s parameters as the one flat tensor the worker loads (its own parameter order);
+        under FSDP gathered from the shards: a collective, every rank calls it."""
+        return flat_parameters(policy, self.names)
+
     def start(self, policy: torch.nn.Module, engine: Any, group_size: int, tokenizer: Any, datamodule: Any,
               encode: Callable[[list[str]], tuple[Tensor, Tensor]], seed_at: Callable[[int], int],
               last_step: int | None) -> None:
@@ -94,13 +116,13 @@ class AsyncRollouts:
         if not hasattr(datamodule, "batch_at"):
             raise ValueError("offpolicy.async=true needs a data module whose batch k is a function of (seed, k) "
                              "(PromptDataModule.batch_at)")
-        if is_sharded(policy):
-            raise ValueError("offpolicy.async=true needs unsharded weights (DDP); FSDP is not supported yet "
-                             "(docs/off-policy.md)")
         self.close()
+        self.prepare(policy)
         self.group_size, self.encode, self.seed_at, self.last_step = int(group_size), encode, seed_at, last_step
         self.prompts_at = lambda k: datamodule.batch_at(k)["prompt"]
-        model = copy.deepcopy(policy).requires_grad_(False)
+        model = self.model
+        if not is_sharded(policy):  # taken again from the policy at the next start (no copy held meanwhile)
+            self.model = None
         if getattr(engine, "dtype", None) is not None:
             model.to(getattr(torch, engine.dtype))
         ctx = torch.multiprocessing.get_context("spawn")  # fork is unsafe with OpenMP / CUDA already running
