@@ -43,8 +43,10 @@ length first so micro-batches hold similar lengths (rlopt/logprobs/completion.py
 runs each prompt once per micro-batch with its KV cache shared by the group (rlopt/logprobs/shared_prompt.py).
 
 Measured per worker (a fresh process each): wall time from the end of the first step to the
-end of the last (the first step, with its one-off allocations, is excluded; both frameworks'
-per-step overheads are included), samples/s = completions / that time, tokens/s = completion
+end of the second-to-last (the first step, with its one-off allocations, is excluded, and so is
+the last: the asynchronous pipeline samples nothing during it, having sampled its batch during
+the step before, so a window ending there would hold one sampling fewer than it does updates;
+both frameworks' per-step overheads are included), samples/s = completions / that time, tokens/s = completion
 tokens (up to and including EOS) / that time, peak RSS of the process (``ru_maxrss``) and
 its RSS after loading the model, mean reward per step. FLOPs per step:
 ``2 * params * (prompt + completion tokens)`` for generation (prefill + decode) plus
@@ -84,7 +86,7 @@ SIZES = {
     # ~11M parameters, long completions: reverse 20-60 characters within a 64-token budget
     "small": dict(model=dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, max_positions=256),
                   task=dict(alphabet="abcdefghij", min_len=20, max_len=60), max_new_tokens=64, batch=8, group=8,
-                  steps=4, lr=3e-4, warmup_steps=20, micro=16),
+                  steps=6, lr=3e-4, warmup_steps=20, micro=16),
 }
 ALGOS = {
     "grpo": dict(ratio="token", eps_low=0.2, eps_high=0.2),
@@ -381,14 +383,16 @@ def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str
 
 
 def summarise(res: dict, spec: dict, gflops_ceiling: float) -> dict:
-    times, n = res["times"], len(res["times"])
+    # steps 1 .. n-2: the first step's one-off costs out, and the last step out too (the async
+    # pipeline has no next batch to sample during it: its window would hold one sampling less)
+    times, n = res["times"][:-1], len(res["times"]) - 1
     per_step = spec["batch"] * spec["group"]
     dt = times[-1] - times[0]
     steps_timed = n - 1
     toks = sum(res["tokens"][1:n])
     ptoks = sum(res["prompt_tokens"][1:n])  # the reward sees one prompt per completion
     flops = 8 * res["params"] * (toks + ptoks)  # 2 (generation) + 6 (training) per token and parameter
-    tail = max(1, min(5, n))
+    tail = max(1, min(5, len(res["rewards"])))
     return dict(samples_s=steps_timed * per_step / dt, tokens_s=toks / dt, step_s=dt / steps_timed,
                 peak_rss=res["peak_rss"], rss_loaded=res["rss_loaded"],
                 reward_first=statistics.mean(res["rewards"][:tail]), reward_last=statistics.mean(res["rewards"][-tail:]),

@@ -1,4 +1,4 @@
-"""The update's forward + backward three ways, side by side: plain, shared KV cache, packed.
+"""The update's forward + backward four ways, side by side: plain, shared KV cache, packed (two attentions).
 
     python benchmarks/update_forward.py                   # tiny and small (trl_compare's models), 1 thread
     python benchmarks/update_forward.py --sizes small --threads 2 --repeats 5
@@ -8,9 +8,11 @@ G = 8 completions), then the update's passes over it as PolicyOptModule runs the
 of whole groups ordered by length, ``trim_padding``, log-probs and entropy, ``backward``), timed
 for each forward of rlopt/logprobs: ``plain`` (``share_prompt: false``), ``kv_cache``
 (``pack: false``: the prompt's KV cache shared by its completions) and ``packed`` (the default:
-one row per prompt, its completions behind it under a tree mask, no padding). The three are
-interleaved, repeated, and reported as medians with the tokens each computes; the log-probs of
-the three agree (max abs difference printed).
+one row per prompt, its completions behind it, no padding), its attention ``dense`` (SDPA over
+the row under the tree mask) or ``segments`` (each completion against its prompt and its own
+prefix; ``pack_attention: auto`` picks it for long groups). The four are interleaved, repeated,
+and reported as medians with the tokens each computes; their log-probs agree (max abs
+difference printed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def bench_size(size: str, a: argparse.Namespace) -> None:
     """One table row: the three forwards on one rollout batch of ``size``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlopt.logprobs import CompletionLogProbs, by_length
+    from rlopt.logprobs import CompletionLogProbs, by_length, pack_layout, prompt_plan
     from rlopt.logprobs.completion import trim_padding
     from rlopt.rollout.lean import KVCacheSampler
 
@@ -45,7 +47,7 @@ def bench_size(size: str, a: argparse.Namespace) -> None:
     micro = spec["micro"] or n
     chunks = by_length(torch.arange(n), ro, micro, g).split(micro)
     kinds = {"plain": CompletionLogProbs(share_prompt=False), "kv_cache": CompletionLogProbs(pack=False),
-             "packed": CompletionLogProbs()}
+             "dense": CompletionLogProbs(pack_attention="dense"), "segments": CompletionLogProbs(pack_attention="segments")}
 
     def tokens(kind: str) -> int:
         total = 0
@@ -78,9 +80,12 @@ def bench_size(size: str, a: argparse.Namespace) -> None:
             update(k)
             times[k].append(time.perf_counter() - t0)
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    first = trim_padding(ro.select(chunks[0]))  # what pack_attention=auto picks (for the first micro-batch)
+    lay = pack_layout(first, prompt_plan(first.prompt_ids, first.prompt_mask))
+    auto = "segments" if lay is not None and lay.segments is not None else "dense"
     print(f"| {size} | {n} x {ro.completion_ids.shape[1]} | {tokens('plain')} / {tokens('kv_cache')} / "
-          f"{tokens('packed')} | {ms['plain']:.1f} | {ms['kv_cache']:.1f} | {ms['packed']:.1f} | "
-          f"{ms['plain'] / ms['packed']:.2f}x |  (max abs log-prob difference {diff:.1e})", flush=True)
+          f"{tokens('packed')} | {ms['plain']:.1f} | {ms['kv_cache']:.1f} | {ms['dense']:.1f} | {ms['segments']:.1f} | "
+          f"{auto} |  (max abs log-prob difference {diff:.1e})", flush=True)
 
 
 
@@ -93,8 +98,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"# torch {torch.__version__}, {a.threads} thread(s)")
-    print("| size | rows x max len | tokens: plain / kv_cache / packed | plain ms | kv_cache ms | packed ms | plain / packed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | rows x max len | tokens: plain / kv_cache / packed | plain ms | kv_cache ms | packed, dense ms | "
+          "packed, segments ms | auto picks |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
         bench_size(size, a)
 

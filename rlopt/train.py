@@ -67,6 +67,7 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
         log_samples_every=cfg.log_samples_every, max_consecutive_skips=cfg.max_consecutive_skips, seed=int(cfg.seed),
         logprobs=CompletionLogProbs(parts["rollout"].temperature, share_prompt=bool(cfg.get("share_prompt", True)),
                                     pack=bool(cfg.get("pack", True)), pack_max_row=int(cfg.get("pack_max_row", 2048)),
+                                    pack_attention=str(cfg.get("pack_attention", "auto")),
                                     chunked_lm_head=bool(cfg.get("chunked_lm_head", False)),
                                     saved_mib=float(cfg.get("lm_head_saved_mib", 0))),
         log_entropy=bool(cfg.get("log_entropy", True)),

@@ -264,6 +264,31 @@ def test_borrowed_threads_while_the_worker_idles(tmp_path):
         assert torch.get_num_threads() == 2 and pipe.borrowed
         pipe._return_threads()
         assert torch.get_num_threads() == 1 and not pipe.borrowed
+        pipe.inflight.clear()  # nothing asked for (the last step): the worker idles
+        pipe.lend_idle_threads()
+        assert torch.get_num_threads() == 2 and pipe.borrowed
+        pipe._return_threads()
+        # inside the update too: before each decoder block's forward, after each gradient accumulates
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2))
+        pipe._watch(model)
+        pipe.inflight, pipe.results.n = deque([(4, ["p"])]), 0
+        loss = model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum()
+        assert torch.get_num_threads() == 1  # still sampling during the forward
+        pipe.results.n = 1  # ... and done before the backward
+        loss.backward()
+        assert torch.get_num_threads() == 2 and pipe.borrowed
+        pipe._return_threads()
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert torch.get_num_threads() == 2  # a forward checks as well
+        pipe.process = None  # (a stand-in: nothing to stop)
+        pipe.close()
+        assert torch.get_num_threads() == 1 and not pipe.hooks
+        pipe.process = object()
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert torch.get_num_threads() == 1  # closed: the hooks are gone
         pipe.borrow_threads = False
         pipe.lend_idle_threads()
         assert torch.get_num_threads() == 1  # off by default

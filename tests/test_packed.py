@@ -112,3 +112,53 @@ def test_which_forward_completion_logprobs_runs(monkeypatch):
     assert supports_packing(model)
     with pytest.raises(ValueError, match="pack_max_row"):
         CompletionLogProbs(pack_max_row=0)
+    with pytest.raises(ValueError, match="pack_attention='sparse' is not valid; valid choices: auto, dense, segments"):
+        CompletionLogProbs(pack_attention="sparse")
+
+
+def test_segment_index_by_hand():
+    """``_three_rows`` packed as in test_layout_by_hand (R = 5): row 0 = [5 6 | 7 8 | 3] (prompt at
+    0-1, A's inputs at 2-3, B's at 4), row 1 = [9 4 3 | 2 _] (prompt at 0-2, C's input at 3).
+    P = 3 (the longest prompt), T = 2 (A's inputs). Flat positions u * 5 + j. A: queries 2, 3;
+    keys its prompt 0, 1 (row 0 has no third prompt token: masked) and its own 2, 3. C: query 8;
+    keys 5, 6, 7 and 8. B: query 4; keys 0, 1, (masked) and 4. Padding slots point at 0, masked."""
+    ro = _three_rows()
+    lay = pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask), attention="segments")
+    segs = lay.segments
+    assert lay.ids.shape == (2, 5)
+    assert segs.query_at.tolist() == [[2, 3], [8, 0], [4, 0]]
+    assert segs.valid.tolist() == [[True, True], [True, False], [True, False]]
+    assert segs.key_at.tolist() == [[0, 1, 0, 2, 3], [5, 6, 7, 8, 0], [0, 1, 0, 4, 0]]
+    t, f = True, False
+    assert segs.mask[:, 0].tolist() == [
+        [[t, t, f, t, f], [t, t, f, t, t]],  # A: prompt 0, 1; own 2 (then 2, 3)
+        [[t, t, t, t, f], [t, t, t, t, f]],  # C: prompt 5-7, own 8 (its second query is padding)
+        [[t, t, f, t, f], [t, t, f, t, f]]]  # B: prompt 0, 1, own 4
+    assert segs.prompt_at.tolist() == [0, 1, 5, 6, 7] and segs.prompt_src.tolist() == [0, 1, 3, 4, 5]
+    assert segs.prompt_mask[:, 0].tolist() == [[[t, f, f], [t, t, f], [t, t, f]], [[t, f, f], [t, t, f], [t, t, t]]]
+    assert pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask), attention="dense").segments is None
+
+
+def test_auto_attention_takes_segments_for_long_rows_only():
+    from rlopt.logprobs.segments import MIN_ROW, segments_pay
+
+    g, p_len = 8, torch.tensor([30, 40])
+    long, short = torch.full((2 * g,), 55), torch.full((2 * g,), 3)
+    assert segments_pay(p_len, long, 40 + g * 55)  # rows of ~480: U R^2 = 4.6e5 vs 1.1e5 segment work
+    assert not segments_pay(p_len, short, 40 + g * 3)  # rows of 64: dense
+    assert not segments_pay(torch.tensor([300]), torch.full((2,), 40), MIN_ROW)  # long prompt, 2 completions: dense
+
+
+def test_segment_attention_leaves_the_model_as_it_was():
+    """The attention implementation is switched for the packed call only, also when it fails."""
+    model = _model()
+    ro = _rollout(g=3, t=5)
+    lay = pack_layout(ro, prompt_plan(ro.prompt_ids, ro.prompt_mask), attention="segments")
+    _assert_matches_plain(model, ro, packed_forward(model, ro, lay).log_softmax(-1).gather(
+        -1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask, seed=4)
+    assert model.config._attn_implementation == "sdpa"
+    lay.segments.prompt_at = lay.segments.prompt_at + 10**6  # a broken index: the forward raises
+    with pytest.raises((IndexError, RuntimeError)):
+        packed_forward(model, ro, lay)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(model(input_ids=ro.input_ids).logits, model(input_ids=ro.input_ids).logits)

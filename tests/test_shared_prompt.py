@@ -49,9 +49,11 @@ def _plain_logp(model, ro: Completions) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
 
 
-def _shared_logp(model, ro: Completions, packed: bool = False) -> torch.Tensor:
+def _shared_logp(model, ro: Completions, packed: str | None = None) -> torch.Tensor:
+    """``packed``: None (the KV-cache forward), or the packed rows' attention (dense / segments)."""
     plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
-    logits = packed_forward(model, ro, pack_layout(ro, plan)) if packed else shared_prompt_forward(model, ro, plan)
+    logits = (packed_forward(model, ro, pack_layout(ro, plan, attention=packed)) if packed
+              else shared_prompt_forward(model, ro, plan))
     return logits.log_softmax(-1).gather(-1, ro.completion_ids[..., None]).squeeze(-1) * ro.completion_mask
 
 
@@ -102,9 +104,9 @@ def test_plan_groups_identical_prompts_only():
 @pytest.mark.parametrize("t", [1, 2, 5])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("shuffle", [False, True])  # contiguous groups (expand) / any order (index_select)
-@pytest.mark.parametrize("attn,packed", [("sdpa", False), ("eager", False), ("sdpa", True)])  # packing: SDPA only
+@pytest.mark.parametrize("attn,packed", [("sdpa", None), ("eager", None), ("sdpa", "dense"), ("sdpa", "segments")])
 def test_logprobs_and_gradients_equal_the_plain_forward(t, tie, shuffle, attn, packed):
-    model = _model(tie=tie, attn=attn)  # SDPA takes a 4D boolean mask; eager attention transformers' own
+    model = _model(tie=tie, attn=attn)  # packing: SDPA only; grouped-query attention (4 heads, 2 KV heads)
     # eager attention gives NaN on left-padded prompt rows in the *plain* forward too (transformers
     # 5.24, float64): compare it on unpadded prompts
     ro = _rollout(g=3, t=t, padded=attn == "sdpa")

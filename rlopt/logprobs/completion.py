@@ -28,6 +28,8 @@ from ..rollout.base import Completions
 from .packed import PackLayout, pack_layout, packed_forward, supports_packing
 from .shared_prompt import PromptPlan, completion_states, prompt_plan, supports_shared_prompt
 
+PACK_ATTENTION = ("auto", "dense", "segments")
+
 
 class CompletionLogProbs:
     """Log-probs ``[n, T]`` (and entropy) of the completion tokens of ``Completions``.
@@ -39,18 +41,25 @@ class CompletionLogProbs:
             4D boolean mask; else through the KV cache.
         pack_max_row: longest packed row, in tokens (its attention is quadratic in it); a pass
             with a longer one uses the KV-cache forward.
+        pack_attention: a packed row's attention: ``"dense"`` (SDPA over the row under its tree
+            mask), ``"segments"`` (each completion against its prompt and its own prefix only:
+            logprobs/segments.py) or ``"auto"`` (segments where they do under a quarter of the
+            dense work: long groups).
         chunked_lm_head: log-probs from hidden states, chunked over rows, with their own backward.
         chunk_rows: rows per LM-head chunk (None: sized from the vocabulary).
         saved_mib: MiB of logits the chunked head keeps for the backward instead of recomputing.
     """
 
     def __init__(self, temperature: float = 1.0, share_prompt: bool = True, pack: bool = True,
-                 pack_max_row: int = 2048, chunked_lm_head: bool = False, chunk_rows: int | None = None,
-                 saved_mib: float = 0.0) -> None:
+                 pack_max_row: int = 2048, pack_attention: str = "auto", chunked_lm_head: bool = False,
+                 chunk_rows: int | None = None, saved_mib: float = 0.0) -> None:
         self.temperature = float(temperature)
         self.share_prompt = bool(share_prompt)
         self.pack = bool(pack)
         self.pack_max_row = int(check_range("pack_max_row", pack_max_row, low=1))
+        if pack_attention not in PACK_ATTENTION:
+            raise ValueError(f"pack_attention={pack_attention!r} is not valid; valid choices: {', '.join(PACK_ATTENTION)}")
+        self.pack_attention = pack_attention
         self.chunked_lm_head = bool(chunked_lm_head)
         self.chunk_rows = chunk_rows
         self.saved_mib = float(check_range("lm_head_saved_mib", saved_mib, low=0.0))
@@ -76,7 +85,7 @@ class CompletionLogProbs:
         """The packed layout of this pass, or None for the KV-cache / plain forward."""
         if plan is None or not self._supports(model)[0]:
             return None
-        return pack_layout(ro, plan, self.pack_max_row)
+        return pack_layout(ro, plan, self.pack_max_row, self.pack_attention)
 
     def __call__(self, model: torch.nn.Module, ro: Completions, with_entropy: bool = False,
                  sharded: bool = False) -> tuple[Tensor, Tensor | None]:

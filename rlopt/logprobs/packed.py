@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .segments import Segments, segment_attention, segment_index, segments_pay
 from .shared_prompt import PromptPlan, _base, has_dropout, takes_4d_bool_mask
 
 
@@ -36,6 +37,7 @@ class PackLayout:
     positions: Tensor  # [U, R] position ids: prompt 0..P-1, completion token j at P + j
     mask: Tensor  # [U, 1, R, R] bool: query attends key
     gather: Tensor  # [n, T] flat index (u * R + position) of the state that predicts completion token j
+    segments: Segments | None = None  # segment attention's indices (segments.py), None: SDPA on ``mask``
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
@@ -43,11 +45,14 @@ def supports_packing(model: torch.nn.Module) -> bool:
     return takes_4d_bool_mask(_base(model)) and not has_dropout(model)
 
 
-def pack_layout(ro, plan: PromptPlan | None, max_row: int | None = None) -> PackLayout | None:
+def pack_layout(ro, plan: PromptPlan | None, max_row: int | None = None, attention: str = "auto") -> PackLayout | None:
     """The packed rows of ``ro`` (``plan``: which rows share a prompt; None = every prompt distinct).
     None when a packed row would be longer than ``max_row`` tokens (its attention is quadratic in
     the row), a prompt is empty, or a completion mask is not a prefix (``1..1 0..0``), where the
-    layout would drop tokens the plain forward reads."""
+    layout would drop tokens the plain forward reads. ``attention``: ``"dense"`` (SDPA over the
+    whole row under the tree mask), ``"segments"`` (segments.py: each completion against its
+    prompt and its own prefix) or ``"auto"`` (segments where they do under a quarter of the
+    dense work)."""
     p_mask, c_mask = ro.prompt_mask.bool(), ro.completion_mask.bool()  # [n, P], [n, T]
     n, t = c_mask.shape
     dev = c_mask.device
@@ -94,13 +99,21 @@ def pack_layout(ro, plan: PromptPlan | None, max_row: int | None = None) -> Pack
     mask |= torch.eye(r, dtype=torch.bool, device=dev)  # padding queries see themselves (no empty softmax)
     last = p_len[inverse] - 1  # [n] the prompt's last position predicts completion token 0
     at = torch.where((cols == 0) | (cols >= lengths[:, None]), last[:, None], offset[:, None] + cols - 1)  # [n, T]
-    return PackLayout(ids, pos, mask[:, None], inverse[:, None] * r + at)
+    segs = None
+    if attention == "segments" or (attention == "auto" and segments_pay(p_len, inputs, r)):
+        segs = segment_index(p_len, inverse, offset, inputs, r)
+    return PackLayout(ids, pos, mask[:, None], inverse[:, None] * r + at, segs)
 
 
 def packed_forward(model: torch.nn.Module, ro, layout: PackLayout, hidden: bool = False) -> Tensor:
     """Logits ``[n, T, V]`` (``hidden=True``: a decoder's last hidden states ``[n, T, H]``) at the
     positions that predict the ``T`` completion tokens of ``ro``."""
-    out = model(input_ids=layout.ids, attention_mask=layout.mask, position_ids=layout.positions, use_cache=False)
+    if layout.segments is None:
+        out = model(input_ids=layout.ids, attention_mask=layout.mask, position_ids=layout.positions, use_cache=False)
+    else:
+        with segment_attention(model):
+            out = model(input_ids=layout.ids, attention_mask=layout.mask, position_ids=layout.positions,
+                        use_cache=False, rlopt_segments=layout.segments)
     states = out.last_hidden_state if hidden else out.logits  # [U, R, *]
     n, t = layout.gather.shape
     return states.reshape(-1, states.shape[-1]).index_select(0, layout.gather.reshape(-1)).view(n, t, -1)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..algorithms.registry import check_range
 from ..distributed import flat_parameters, is_sharded
+from ..models import decoder_layer_classes
 from .base import Completions
 from .worker import POLL_S, from_arrays, serve
 
@@ -82,6 +83,7 @@ class AsyncRollouts:
         self.gen_seconds = 0.0  # the worker's sampling time of the latest batch received
         self.model: torch.nn.Module | None = None  # the worker's unsharded copy of the policy (prepare)
         self.names: list[str] = []  # its parameters' names, in the order the flat weights follow
+        self.hooks: list[Any] = []  # borrow_threads: the checks inside the policy's forward and backward
 
     @property
     def deterministic(self) -> bool:
@@ -138,6 +140,8 @@ class AsyncRollouts:
             self.results, os.getpid(), self.slots))
         self.process.start()
         self.own_threads, self.borrowed = torch.get_num_threads(), False
+        if self.borrow_threads:
+            self._watch(policy)
         self.inflight.clear()
         self.sent.clear()
         self.next_step = 0
@@ -145,6 +149,9 @@ class AsyncRollouts:
     def close(self) -> None:
         """Stop the worker (asked, then terminated, then killed) and release the queues; idempotent."""
         self._return_threads()
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
         proc, self.process = self.process, None
         if proc is None:
             return
@@ -195,8 +202,8 @@ class AsyncRollouts:
         the next step), this process takes its threads too; ``completions`` gives them back. Call
         it between the update's passes. Changes the thread count mid-update, so the arithmetic
         (and the bit-for-bit equality with synchronous staleness) depends on timing."""
-        if not self.borrow_threads or self.borrowed or self.process is None or not self.inflight:
-            return
+        if not self.borrow_threads or self.borrowed or self.process is None:
+            return  # (nothing in flight, as in the last step: the worker idles)
         try:
             done = self.results.qsize() >= len(self.inflight)
         except NotImplementedError:  # macOS: no sem_getvalue
@@ -204,6 +211,20 @@ class AsyncRollouts:
         if done:
             torch.set_num_threads(self.own_threads + self.worker_threads)
             self.borrowed = True
+
+    def _watch(self, policy: torch.nn.Module) -> None:
+        """``borrow_threads``: ask ``lend_idle_threads`` before every decoder block's forward and after
+        each parameter's gradient is accumulated too, so the update takes the idle worker's threads
+        within a block's work of the worker finishing (between micro-batches alone it could run a
+        whole micro-batch's forward and backward on its own threads, ~1 s on trl_compare's small)."""
+        blocks = tuple(decoder_layer_classes(policy))
+        check = lambda *_: self.lend_idle_threads()  # noqa: E731 - a hook's signature, ignored
+        for m in policy.modules():
+            if isinstance(m, blocks):
+                self.hooks.append(m.register_forward_pre_hook(check))
+        for p in policy.parameters():
+            if p.requires_grad:
+                self.hooks.append(p.register_post_accumulate_grad_hook(check))
 
     def _return_threads(self) -> None:
         if self.borrowed:
