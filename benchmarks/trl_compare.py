@@ -15,8 +15,10 @@ Identical work, per configuration:
 * the model: a Llama config (char tokenizer of rlopt.tiny) built with a fixed seed, given the
   same short supervised warm-up (rlopt.warmup, so completions end with EOS at plausible
   lengths), saved once with ``save_pretrained`` and loaded by both workers (float32);
-* the prompts: the procedural reverse task (rlopt.tasks.ReverseTask), same rows, both
-  frameworks shuffle them with their own seeded sampler;
+* the prompts: the procedural reverse task (rlopt.tasks.ReverseTask; its rows are random
+  strings already), taken in order by both (TRL ``shuffle_dataset=False``, rlopt
+  ``PromptDataModule(shuffle=False)``): the same 8 prompts at step k in both, checked (each step's
+  prompts are fingerprinted in the reward wrapper; the run prints whether they matched);
 * the reward: rlopt.rewards.partial_match (the same function object in both workers);
 * the algorithm: group size G, B prompts per step (B*G completions, one rollout = one optimizer
   step, fully on-policy: TRL ``num_iterations=1``, ``steps_per_generation=1``; rlopt
@@ -123,9 +125,11 @@ class Recorder:
         self.rewards: list[float] = []
         self.tokens: list[int] = []
         self.prompt_tokens: list[int] = []
+        self.prompts: list[str] = []  # a fingerprint of each step's distinct prompts
         self.__name__ = "partial_match"
 
-    def record(self, scores, n_tokens: int, n_prompt_tokens: int) -> None:
+    def record(self, scores, n_tokens: int, n_prompt_tokens: int, prompts) -> None:
+        self.prompts.append(hashlib.sha1("\n".join(sorted(set(prompts))).encode()).hexdigest()[:12])
         self.rewards.append(sum(scores) / max(len(scores), 1))
         self.tokens.append(int(n_tokens))
         self.prompt_tokens.append(int(n_prompt_tokens))
@@ -208,7 +212,7 @@ def worker_rlopt(a) -> dict:
 
     def reward(prompts, completions, answer, completion_lengths, **kw):
         out = partial_match(prompts, completions, answer)
-        rec.record(out, sum(completion_lengths), sum(n_tokens(p) for p in prompts))
+        rec.record(out, sum(completion_lengths), sum(n_tokens(p) for p in prompts), prompts)
         return out
 
     pipeline = None
@@ -229,7 +233,8 @@ def worker_rlopt(a) -> dict:
                              rollout=engine, group_size=spec["group"], max_grad_norm=1.0, log_samples_every=0,
                              micro_batch_size=spec["micro"], seed=a.seed, async_rollouts=pipeline,
                              staleness=a.rlopt_staleness if a.worker == "rlopt" else 0)
-    dm = PromptDataModule(TaskSource(_task(a.size), size=4000, seed=a.seed), batch_size=spec["batch"], seed=a.seed)
+    dm = PromptDataModule(TaskSource(_task(a.size), size=4000, seed=a.seed), batch_size=spec["batch"], seed=a.seed,
+                          shuffle=False)  # the rows in order, as TRL takes them (shuffle_dataset=False)
     times: list[float] = []
 
     worker_rss: list[float] = []
@@ -255,7 +260,7 @@ def worker_rlopt(a) -> dict:
     wall = time.perf_counter() - t0
     hist = module.history
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
-                prompt_tokens=rec.prompt_tokens, params=param_count(model), worker_peak_rss=sum(worker_rss),
+                prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model), worker_peak_rss=sum(worker_rss),
                 rollout_s=[h.get("perf/rollout_s", float("nan")) for h in hist],
                 update_s=[h.get("perf/update_s", float("nan")) for h in hist])
 
@@ -279,7 +284,7 @@ def worker_trl(a) -> dict:
 
     def reward(prompts, completions, completion_ids, answer, **kw):
         out = partial_match(prompts, completions, answer)
-        rec.record(out, sum(len(c) for c in completion_ids), sum(n_tokens(p) for p in prompts))
+        rec.record(out, sum(len(c) for c in completion_ids), sum(n_tokens(p) for p in prompts), prompts)
         return out
 
     reward.__name__ = "partial_match"
@@ -297,7 +302,7 @@ def worker_trl(a) -> dict:
         temperature=1.0, top_p=1.0, top_k=0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, seed=a.seed,
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, log_completions=False, shuffle_dataset=False,
     )
     times: list[float] = []
 
@@ -317,7 +322,7 @@ def worker_trl(a) -> dict:
     wall = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
-                prompt_tokens=rec.prompt_tokens, params=param_count(model))
+                prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model))
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -495,13 +500,18 @@ def main(argv: list[str] | None = None) -> None:
         for algo in algos:
             row = dict(size=size, algo=algo)
             runs_of: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+            prompts_seen: set[tuple[int, tuple[str, ...]]] = set()  # (seed, each step's prompt fingerprint)
             for seed in seeds:
                 a.seed = seed
                 model_dir = prepare_model(size, seed)
                 for _ in range(a.repeats):  # interleaved (A B A B ...), so load changes hit both alike
                     for fw in frameworks:
-                        res = summarise(run_worker(pythons[fw], fw, size, algo, model_dir, a), spec, ceiling)
-                        runs_of[fw].append(dict(res, seed=seed))
+                        raw = run_worker(pythons[fw], fw, size, algo, model_dir, a)
+                        prompts_seen.add((seed, tuple(raw["prompts"])))
+                        runs_of[fw].append(dict(summarise(raw, spec, ceiling), seed=seed))
+            row["same_prompts"] = len(prompts_seen) == len(seeds)  # every run of a seed saw the same prompts
+            print(f"  {size} {algo}: the same prompts at every step in every run of a seed: "
+                  f"{'yes' if row['same_prompts'] else 'NO'}", flush=True)
             for fw in frameworks:
                 runs = runs_of[fw]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "seed"}
@@ -522,9 +532,9 @@ def main(argv: list[str] | None = None) -> None:
     variants = [fw for fw in ("rlopt", "rlopt_async") if fw in frameworks]
     if "trl" in frameworks and variants:
         print("| size | algo | steps | rlopt variant (threads) | rlopt samples/s | TRL samples/s (threads) | ratio "
-              "| rlopt tok/s | TRL tok/s | rlopt peak RSS MB | TRL peak RSS MB | rlopt reward (first->last 5 steps) "
+              "| rlopt tok/s | TRL tok/s | tok/s ratio | rlopt peak RSS MB | TRL peak RSS MB | rlopt reward (first->last 5 steps) "
               "| TRL reward | rlopt % ceiling | TRL % ceiling |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             t = r["trl"]
             for fw in variants:
@@ -533,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
                          else f"sync ({a.threads})")
                 print(f"| {r['size']} | {r['algo']} | {a.steps_for[r['size']]} | {label} | {o['samples_s']:.2f} "
                       f"| {t['samples_s']:.2f} ({threads_of('trl', a)}) | **{o['samples_s'] / t['samples_s']:.2f}x** "
-                      f"| {o['tokens_s']:.0f} | {t['tokens_s']:.0f} | {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
+                      f"| {o['tokens_s']:.0f} | {t['tokens_s']:.0f} | {o['tokens_s'] / t['tokens_s']:.2f}x | {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
                       f"| {o['reward_first']:.3f} -> {o['reward_last']:.3f} | {t['reward_first']:.3f} -> "
                       f"{t['reward_last']:.3f} | {100 * o['ceiling_frac']:.1f}% | {100 * t['ceiling_frac']:.1f}% |")
     if len(seeds) > 1:

@@ -2,6 +2,7 @@
 
     python benchmarks/update_forward.py                   # tiny and small (trl_compare's models), 1 thread
     python benchmarks/update_forward.py --sizes small --threads 2 --repeats 5
+    python benchmarks/update_forward.py --sizes small --long    # long completions: packed rows of ~470 tokens
 
 One rollout batch per size (trl_compare.py's warmed-up model, prompts and sampler: B prompts x
 G = 8 completions), then the update's passes over it as PolicyOptModule runs them (micro-batches
@@ -41,9 +42,14 @@ def bench_size(size: str, a: argparse.Namespace) -> None:
     rows = tc._task(size).rows("train", spec["batch"], seed=a.seed)
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
     torch.manual_seed(a.seed)
-    ro = KVCacheSampler(temperature=1.0, max_new_tokens=spec["max_new_tokens"]).generate(
-        model, enc["input_ids"], enc["attention_mask"], spec["group"], tok.eos_token_id, tok.pad_token_id)
+    t_max = spec["max_new_tokens"]
+    ro = KVCacheSampler(temperature=1.0, max_new_tokens=t_max).generate(
+        model, enc["input_ids"], enc["attention_mask"], spec["group"], None if a.long else tok.eos_token_id,
+        tok.pad_token_id)
     n, g = ro.completion_ids.shape[0], spec["group"]
+    if a.long:  # no EOS sampled: cut each completion at a length drawn from [2/3, 1] of the budget
+        lengths = torch.randint(2 * t_max // 3, t_max + 1, (n,), generator=torch.Generator().manual_seed(a.seed))
+        ro.completion_mask = (torch.arange(ro.completion_ids.shape[1])[None] < lengths[:, None]).long()
     micro = spec["micro"] or n
     chunks = by_length(torch.arange(n), ro, micro, g).split(micro)
     kinds = {"plain": CompletionLogProbs(share_prompt=False), "kv_cache": CompletionLogProbs(pack=False),
@@ -95,6 +101,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=0, help="timed passes per forward (0: 15 tiny, 3 small)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--long", action="store_true", help="long completions (2/3 to all of the budget, no EOS)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"# torch {torch.__version__}, {a.threads} thread(s)")

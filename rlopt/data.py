@@ -117,16 +117,19 @@ def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Batches of prompts (``batch_size`` prompts per rollout step; each is sampled G times)."""
+    """Batches of prompts (``batch_size`` prompts per rollout step; each is sampled G times), in a
+    seeded shuffled order each epoch, or in the source's own order with ``shuffle=False``
+    (``data.shuffle``: a curriculum, or another framework fed the same prompts step by step)."""
 
     def __init__(self, train: Any, val: Any | None = None, batch_size: int = 16, val_batch_size: int | None = None,
-                 seed: int = 0, tokenizer: Any = None, chat_template: bool = False, system_prompt: str | None = None) -> None:
+                 seed: int = 0, tokenizer: Any = None, chat_template: bool = False, system_prompt: str | None = None,
+                 shuffle: bool = True) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         self.train_source, self.val_source = train, val
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
-        self.seed, self.tokenizer = seed, tokenizer
+        self.seed, self.tokenizer, self.shuffle = seed, tokenizer, bool(shuffle)
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.train_rows: list[dict[str, Any]] | None = None
         self.val_rows: list[dict[str, Any]] | None = None
@@ -154,7 +157,7 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batch ``k`` of the run is a function of ``(seed, k)`` only: on resume the sampler skips
         the batches already consumed (``trainer.global_step`` counts them: one per rollout)."""
-        sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed)
+        sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed, shuffle=self.shuffle)
         if sampler.batches_per_epoch() < 1:
             raise ValueError(f"the training set ({len(self.train_rows)} prompts) is smaller than one batch "
                              f"(data.batch_size={self.batch_size} per rank)")
@@ -167,7 +170,7 @@ class PromptDataModule(L.LightningDataModule):
     def batch_at(self, k: int) -> dict[str, list[Any]]:
         """Batch ``k`` of the run on this rank, the one ``train_dataloader`` yields as its ``k``-th
         (the asynchronous rollout worker samples it one step ahead: rollout/pipeline.py)."""
-        sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed)
+        sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed, shuffle=self.shuffle)
         sampler.set_epoch(k // sampler.batches_per_epoch())
         sampler.skip_batches = k % sampler.batches_per_epoch()
         idx = list(iter(sampler))[: self.batch_size]

@@ -50,7 +50,8 @@ def build(cfg: DictConfig) -> tuple[PolicyOptModule, PromptDataModule, L.Trainer
                               ds.get("on_exhausted", "train")) if ds.get("enabled") else None
     dm = PromptDataModule(instantiate(cfg.task.train), instantiate(cfg.task.val) if cfg.task.val else None,
                           batch_size=cfg.data.batch_size * (dynamic.max_gen_batches if dynamic else 1), val_batch_size=cfg.data.val_batch_size, seed=int(cfg.seed),
-                          tokenizer=tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
+                          tokenizer=tokenizer, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt,
+                          shuffle=bool(cfg.data.get("shuffle", True)))
     dm.setup("fit")
     if int(cfg.task.get("warmup_steps") or 0) > 0 and not cfg.get("ckpt_path"):
         losses = supervised_warmup(policy, tokenizer, dm.train_rows, int(cfg.task.warmup_steps), seed=int(cfg.seed))

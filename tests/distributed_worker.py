@@ -201,6 +201,20 @@ def resume(out: Path) -> dict[str, Any]:
                                            weights_only=True)["global_step"] if rdist.is_global_zero() else None)}
 
 
+def resume_async(out: Path) -> dict[str, Any]:
+    """FSDP2 + async rollouts (deterministic, max_lag=1): 2 steps with a checkpoint, then resumed
+    for a 3rd; ``train_fsdp2_async`` is the same 3 steps without interruption. The checkpoint holds
+    the weights the batch in flight was to be sampled with (gathered from the shards)."""
+    from rlopt.train import run
+
+    common = ["trainer=fsdp2", "algorithm=grpo", HASH_REWARD, *SMALL_TASK, "callbacks=default", PROBE,
+              "export_dir=null", "offpolicy.async=true"]
+    run(compose(out, "first_fsdp2_async", [*common, "steps=2", "checkpoint_every=1"]))
+    ckpt = out / "first_fsdp2_async" / "checkpoints" / "last.ckpt"
+    run(compose(out, "resumed_fsdp2_async", [*common, "steps=3", f"ckpt_path={ckpt}"]))
+    return FullStateProbe.last.result()
+
+
 def exact(out: Path, trainer: str, name: str) -> dict[str, Any]:
     cfg = compose(out, f"exact_{trainer}_{name}", exact_overrides(trainer, 2, name))
     return fit_fixed(cfg)
@@ -264,6 +278,7 @@ SCENARIOS = {
     **{f"train_{t}_async": (lambda out, t=t: train(out, t, "grpo", ["export_dir=null", "offpolicy.async=true", "steps=3"],
                                                    name=f"train_{t}_async")) for t in ("ddp", "fsdp2")},
     "resume_fsdp2": resume,
+    "resume_fsdp2_async": resume_async,  # after train_fsdp2_async (the uninterrupted run)
     "generate_fsdp2": generate,
     **{f"exact_{t}_{n}": (lambda out, t=t, n=n: exact(out, t, n)) for t in ("ddp", "fsdp2") for n in EXACT},
 }

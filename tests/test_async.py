@@ -77,6 +77,20 @@ def test_async_lag_one_equals_synchronous_staleness_bit_for_bit(tmp_path, miniba
     assert asyn.history[-1]["perf/worker_sample_s"] > 0
 
 
+def test_a_finished_run_resumed_for_more_steps_continues_exactly(tmp_path):
+    """A run of 2 steps (its last step asks the worker for nothing) resumed to 4 steps gives the
+    4-step run: the checkpoint of the last step still holds the weights batch 2 is sampled with."""
+    straight, _, _ = _fit(tmp_path / "straight", "offpolicy.async=true", "scheduler=none")
+    _fit(tmp_path / "first", "offpolicy.async=true", "scheduler=none", "steps=2", "callbacks=default",
+         "checkpoint_every=1", "logger=none")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed, _, trainer = _fit(tmp_path / "resumed", "offpolicy.async=true", "scheduler=none", f"ckpt_path={ckpt}")
+    assert trainer.global_step == 4 and ckpt.is_file()
+    assert _comparable(resumed.history) == _comparable(straight.history)
+    for a, b in zip(resumed.policy.parameters(), straight.policy.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_free_running_queue_stays_within_its_bound(tmp_path):
     module, _, trainer = _fit(tmp_path, "steps=6", "num_minibatches=1", "offpolicy.async=true", "offpolicy.max_lag=3")
     stale = [h["offpolicy/staleness_max"] for h in module.history]

@@ -193,6 +193,14 @@ def test_fsdp2_resume_continues_with_the_saved_weights(runs):
     assert len(resumed["history"]) == 3  # the history travels in the checkpoint
 
 
+def test_fsdp2_asynchronous_rollouts_resume_where_the_run_would_be(runs):
+    resumed, straight = runs.get("resume_fsdp2_async"), runs.get("train_fsdp2_async")
+    assert resumed["start_step"] == 2 and resumed["end_step"] == 3 and _changed(resumed)
+    # the 3rd batch is sampled again with the saved weights of step 1 and trained on as before
+    assert resumed["history"][-1]["reward/mean"] == straight["history"][-1]["reward/mean"]
+    assert _rel(resumed["end"], straight["end"]) < 1e-6
+
+
 # --- sharded generation ------------------------------------------------------------------------------
 
 def test_fsdp2_generation_with_different_lengths_per_rank(runs):

@@ -188,7 +188,8 @@ class AsyncRollouts:
             if self.last_step is None or step + 1 <= self.last_step:
                 self._send_weights(step, version, weights)
                 self._ask(step + 1, want=step, exact=True)
-                self.resume = (step, version, weights)
+            # also at the last step: a run resumed with more steps samples batch step + 1 with them
+            self.resume = (step, version, weights)
         else:
             self._send_weights(step, version, weights)
             self.next_step = max(self.next_step, step)
