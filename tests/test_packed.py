@@ -162,3 +162,24 @@ def test_segment_attention_leaves_the_model_as_it_was():
         packed_forward(model, ro, lay)
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(model(input_ids=ro.input_ids).logits, model(input_ids=ro.input_ids).logits)
+
+
+def test_gradient_checkpointing_keeps_the_dense_attention(monkeypatch):
+    """Checkpointed blocks recompute their forward in the backward, after the segment attention is
+    switched off again: ``auto`` stays dense there (still the plain values and gradients), and an
+    explicit ``segments`` is refused."""
+    from rlopt.logprobs import packed
+
+    monkeypatch.setattr(packed, "segments_pay", lambda *a: True)  # auto takes segments on this small batch
+    model = _model()
+    ro = _rollout(g=3, t=5)
+    plan = prompt_plan(ro.prompt_ids, ro.prompt_mask)
+    assert CompletionLogProbs().layout(model, ro, plan).segments is not None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert CompletionLogProbs().layout(model, ro, plan).segments is None
+    logp, _ = CompletionLogProbs()(model, ro)
+    _assert_matches_plain(model, ro, logp * ro.completion_mask, seed=6)
+    with pytest.raises(ValueError, match="pack_attention=segments cannot be combined with gradient checkpointing"):
+        CompletionLogProbs(pack_attention="segments")(model, ro)
+

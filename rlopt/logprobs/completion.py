@@ -85,7 +85,14 @@ class CompletionLogProbs:
         """The packed layout of this pass, or None for the KV-cache / plain forward."""
         if plan is None or not self._supports(model)[0]:
             return None
-        return pack_layout(ro, plan, self.pack_max_row, self.pack_attention)
+        attention = self.pack_attention
+        if attention != "dense" and getattr(model, "is_gradient_checkpointing", False):
+            # the blocks recompute their forward in the backward, outside the segment attention
+            if attention == "segments":
+                raise ValueError("pack_attention=segments cannot be combined with gradient checkpointing (the "
+                                 "blocks recompute their forward in the backward, outside it): use auto or dense")
+            attention = "dense"
+        return pack_layout(ro, plan, self.pack_max_row, attention)
 
     def __call__(self, model: torch.nn.Module, ro: Completions, with_entropy: bool = False,
                  sharded: bool = False) -> tuple[Tensor, Tensor | None]:
