@@ -21,10 +21,9 @@ instead of ``U R^2``, R ~ P + G T. The linear layers are untouched (they are per
 It is switched in for one forward by setting the config's attention implementation to a
 registered ``rlopt_segments`` function (transformers ``AttentionInterface``), which falls back
 to SDPA for any call without ``rlopt_segments``; the 4D mask is passed too (transformers hands
-a ready 4D mask to the layers as it is) so a model that ignores the keyword stays exact. Under
-gradient checkpointing the blocks recompute their forward in the backward, after the switch is
-undone: that recomputation takes the dense path over the same mask (the same function, up to
-rounding).
+a ready 4D mask to the layers as it is) so a model that ignores the keyword stays exact. Not
+under gradient checkpointing: the blocks would recompute their forward in the backward, after
+the switch is undone, along another path (``CompletionLogProbs`` keeps the dense attention there).
 """
 
 from __future__ import annotations
