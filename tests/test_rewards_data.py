@@ -279,3 +279,22 @@ def test_chat_template_wraps_prompts(tiny_tokenizer):
     dm2 = PromptDataModule(src, tokenizer=tiny_tokenizer, chat_template=True)
     dm2.setup("fit")
     assert dm2.train_rows[0]["prompt"] == f"u:{raw[0]['prompt']}|a:"
+
+
+def test_unshuffled_prompts_come_in_the_sources_order(tmp_path):
+    """data.shuffle=false: batch k is rows [k B, (k + 1) B) of the source, epoch after epoch (the
+    loader and batch_at alike); the default shuffles them with the seed."""
+    src = TaskSource(ReverseTask(), size=12)
+    rows = [r["prompt"] for r in src.load()]
+    dm = PromptDataModule(src, batch_size=4, seed=5, shuffle=False)
+    dm.setup()
+    loaded = [b["prompt"] for b in dm.train_dataloader()]
+    assert loaded == [rows[0:4], rows[4:8], rows[8:12]]
+    assert [dm.batch_at(k)["prompt"] for k in range(6)] == loaded + loaded
+    shuffled = PromptDataModule(src, batch_size=4, seed=5)
+    shuffled.setup()
+    assert [b["prompt"] for b in shuffled.train_dataloader()] != loaded
+    cfg = compose_train(tmp_path, ["data.shuffle=false"])
+    from rlopt.train import build
+
+    assert build(cfg)[1].shuffle is False
