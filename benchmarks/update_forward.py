@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-import trl_compare as tc  # benchmarks/ is this script's folder: the shared model and task setup
+import trl_work as tc  # benchmarks/ is this script's folder: trl_compare.py's model and task setup
 
 
 def bench_size(size: str, a: argparse.Namespace) -> None:
