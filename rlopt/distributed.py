@@ -269,28 +269,26 @@ def clip_grad_norm_all_finite(model: torch.nn.Module, max_norm: float, device: t
     return norm, finite
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor] | None:
+def full_state_dict(model: torch.nn.Module, every_rank: bool = False) -> dict[str, Tensor] | None:
     """The consolidated state dict of a sharded model on CPU (on rank 0; other ranks get ``{}``),
     gathered with ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``: every rank
-    must call it. ``None`` for an unsharded model (use its own ``state_dict``)."""
+    must call it. ``every_rank``: every rank gets the full values, on the parameters' device
+    (``cpu_offload=False``). ``None`` for an unsharded model (use its own ``state_dict``)."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
 
 
 def flat_parameters(model: torch.nn.Module, names: list[str]) -> Tensor:
     """The parameters named ``names`` as one flat tensor, in that order (``parameters_to_vector``
     of the unsharded model when ``names`` is its ``named_parameters()`` order). Sharded (FSDP /
-    FSDP2): gathered with ``get_model_state_dict(full_state_dict=True)``, a collective every rank
-    must call; every rank gets the full values (on the parameters' device)."""
-    if not is_sharded(model):
+    FSDP2): gathered by ``full_state_dict(every_rank=True)``, a collective every rank must call."""
+    state = full_state_dict(model, every_rank=True)
+    if state is None:
         params = dict(model.named_parameters())
         return torch.cat([params[n].detach().reshape(-1) for n in names])
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     missing = [n for n in names if n not in state]
     if missing:
         raise KeyError(f"the sharded model's full state dict lacks {missing[:3]} (of {len(missing)} parameters)")

@@ -125,8 +125,9 @@ class AsyncRollouts:
         model = self.model
         if not is_sharded(policy):  # taken again from the policy at the next start (no copy held meanwhile)
             self.model = None
-        if getattr(engine, "dtype", None) is not None:
-            model.to(getattr(torch, engine.dtype))
+        # on the trainer's device (the copy may predate Lightning's move to it), in rollout.dtype when set
+        dtype = getattr(engine, "dtype", None)
+        model.to(device=next(policy.parameters()).device, dtype=None if dtype is None else getattr(torch, dtype))
         ctx = torch.multiprocessing.get_context("spawn")  # fork is unsafe with OpenMP / CUDA already running
         self.jobs, self.weights, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
         # weights travel through a few shared-memory slots, handed over once (a fresh tensor per
@@ -200,8 +201,8 @@ class AsyncRollouts:
 
     def lend_idle_threads(self) -> None:
         """``borrow_threads``: once the worker has handed in everything asked for (it idles until
-        the next step), this process takes its threads too; ``completions`` gives them back. Call
-        it between the update's passes. Changes the thread count mid-update, so the arithmetic
+        the next step), this process takes its threads too; ``completions`` gives them back. The
+        module calls it between the update's passes, and the hooks of ``_watch`` inside them. Changes the thread count mid-update, so the arithmetic
         (and the bit-for-bit equality with synchronous staleness) depends on timing."""
         if not self.borrow_threads or self.borrowed or self.process is None:
             return  # (nothing in flight, as in the last step: the worker idles)
