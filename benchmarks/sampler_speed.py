@@ -2,6 +2,7 @@
 
     python benchmarks/sampler_speed.py                    # the 'small' model of trl_compare.py
     python benchmarks/sampler_speed.py --size tiny --repeats 7
+    python benchmarks/sampler_speed.py --no-eos           # every completion runs to the budget
 
 Same model (trl_compare.py's prepared, warmed-up model of that size), the same prompts and
 seed for every engine; each engine samples ``batch x group`` completions of up to the size's
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="small", choices=["tiny", "small"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-eos", action="store_true", help="no EOS: every completion runs to the budget")
     a = ap.parse_args(argv)
 
     import torch
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rlopt.rollout import HFGenerate
     from rlopt.rollout.lean import KVCacheSampler
-    from trl_compare import SIZES, _task, prepare_model
+    from trl_work import SIZES, _task, prepare_model
 
     torch.set_num_threads(a.threads)
     spec = SIZES[a.size]
@@ -49,8 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         "HFGenerate (model.generate)": HFGenerate(max_new_tokens=t),
         "KVCacheSampler cache=dynamic, no pruning": KVCacheSampler(max_new_tokens=t, cache="dynamic", prune_finished=False),
         "KVCacheSampler cache=static, no pruning": KVCacheSampler(max_new_tokens=t, cache="static", prune_finished=False),
-        "KVCacheSampler cache=buffer, no pruning": KVCacheSampler(max_new_tokens=t, prune_finished=False),
-        "KVCacheSampler cache=buffer + pruning (default)": KVCacheSampler(max_new_tokens=t),
+        "KVCacheSampler cache=buffer, no pruning": KVCacheSampler(max_new_tokens=t, prune_finished=False,
+                                                                  prefix_attention="repeated"),
+        "KVCacheSampler cache=buffer + pruning, repeated prompt cache": KVCacheSampler(max_new_tokens=t,
+                                                                                       prefix_attention="repeated"),
+        "KVCacheSampler cache=buffer + pruning, shared prefix": KVCacheSampler(max_new_tokens=t, prefix_attention="shared"),
     }
     times = {k: [] for k in engines}
     outs, work = {}, {}
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(0)
             t0 = time.perf_counter()
             ro = e.generate(model, enc["input_ids"], enc["attention_mask"], spec["group"],
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                            eos_token_id=None if a.no_eos else tok.eos_token_id, pad_token_id=tok.pad_token_id)
             times[name].append(time.perf_counter() - t0)
             outs[name] = ro.completion_ids
             work[name] = getattr(e, "last_row_steps", None)

@@ -37,9 +37,14 @@ Identical work, per configuration:
   ``per_device_train_batch_size=16``, ``gradient_accumulation_steps=4``, which makes its
   ``steps_per_generation`` 4: still one generation of 64 completions per optimizer step, no
   old-log-prob pass; rlopt ``micro_batch_size=16``).
+* ``--fixed-length``: EOS cannot be drawn before the budget (TRL ``generation_kwargs=
+  {"min_new_tokens": budget}``, rlopt ``rollout.min_new_tokens``), so every completion of every
+  step has the budget's length in both: the same tokens per step by construction (completion
+  lengths otherwise follow each run's own policy, and the work of a step with them).
 
 What rlopt does differently (its own code paths, not settings): the lean KV-cache sampler
-(rlopt/rollout/lean.py: preallocated cache, finished rows dropped from the batch), and in the update
+(rlopt/rollout/lean.py: preallocated cache, finished rows dropped from the batch, each prompt's cache
+read once by its samples' decode steps), and in the update
 it skips the columns that are padding in every row of a micro-batch, ordering whole groups by
 length first so micro-batches hold similar lengths (rlopt/logprobs/completion.py ``trim_padding``), and
 runs each prompt once per micro-batch with its KV cache shared by the group (rlopt/logprobs/shared_prompt.py).
@@ -123,7 +128,8 @@ def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--size", size, "--algo", algo,
            "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(threads),
            "--worker-threads", str(a.worker_threads), "--rlopt-staleness", str(a.rlopt_staleness),
-           "--rlopt-correction", a.rlopt_correction] + (["--borrow-threads"] if a.borrow_threads else []) + [
+           "--rlopt-correction", a.rlopt_correction] + (["--borrow-threads"] if a.borrow_threads else []) + (
+           ["--fixed-length"] if a.fixed_length else []) + [
            "--seed", str(a.seed), "--rlopt-rollout", a.rlopt_rollout] + (["--profile"] if a.profile else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
@@ -204,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
                          "(offpolicy.borrow_threads)")
     ap.add_argument("--rlopt-staleness", type=int, default=0,
                     help="rlopt (sync): offpolicy.staleness, e.g. 1 = the data of rlopt_async, sampled in-process")
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="every completion runs to the budget in both frameworks (min_new_tokens = max_new_tokens): "
+                         "the same tokens per step by construction")
     ap.add_argument("--rlopt-correction", default="none",
                     help="rlopt: behaviour correction for stale data (none, bypass = clip against the sampler, tis, ...)")
     ap.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,8 @@ import os
 import tempfile
 import time
 
-CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+# the prepared models (RLOPT_BENCH_CACHE moves it: the smoke tests use a temporary folder)
+CACHE = os.environ.get("RLOPT_BENCH_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
 
 SIZES = {
     # the embedded default: rlopt.tiny's model and the reverse task of configs/task/reverse.yaml

@@ -92,7 +92,8 @@ def worker_rlopt(a) -> dict:
 
         pipeline = AsyncRollouts(max_lag=1, worker_threads=a.worker_threads, borrow_threads=a.borrow_threads)
     engine_cls = KVCacheSampler if a.rlopt_rollout == "lean" else HFGenerate
-    engine = engine_cls(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=spec["max_new_tokens"])
+    engine = engine_cls(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=spec["max_new_tokens"],
+                        min_new_tokens=spec["max_new_tokens"] if a.fixed_length else 0)
     ratio = TokenRatio() if algo["ratio"] == "token" else SequenceRatio()
     objective = PolicyObjective(ratio, PPOClip(algo["eps_low"], algo["eps_high"]), SeqMeanTokenMean(),
                                 correction=a.rlopt_correction if a.worker != "trl" else None)
@@ -133,7 +134,8 @@ def worker_rlopt(a) -> dict:
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
                 prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model), worker_peak_rss=sum(worker_rss),
                 rollout_s=[h.get("perf/rollout_s", float("nan")) for h in hist],
-                update_s=[h.get("perf/update_s", float("nan")) for h in hist])
+                update_s=[h.get("perf/update_s", float("nan")) for h in hist],
+                worker_sample_s=[h.get("perf/worker_sample_s", float("nan")) for h in hist])
 
 
 def worker_trl(a) -> dict:
@@ -174,6 +176,7 @@ def worker_trl(a) -> dict:
         adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=1.0, seed=a.seed,
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, log_completions=False, shuffle_dataset=False,
+        generation_kwargs={"min_new_tokens": spec["max_new_tokens"]} if a.fixed_length else None,
     )
     times: list[float] = []
 

@@ -89,6 +89,21 @@ def test_greedy_is_identical_to_generate(tiny, kw):
     _assert_same(a, b)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=6)])
+def test_min_new_tokens_same_tokens_as_generate(tiny, kw):
+    """rollout.min_new_tokens: EOS suppressed for the first k tokens, exactly as generate's processor."""
+    free = _both(tiny, seed=3, samples=6, max_new_tokens=12, **kw)[1][0].completion_mask.sum(-1)
+    assert free.min() <= 4  # without it some completions end within 4 tokens (EOS included)
+    a, b = _both(tiny, seed=3, samples=6, max_new_tokens=12, min_new_tokens=4, **kw)
+    _assert_same(a, b)
+    assert b[0].completion_mask.sum(-1).min() >= 5  # EOS first drawable as the 5th token
+    model, tok, ids, mask = tiny
+    fixed = KVCacheSampler(max_new_tokens=7, min_new_tokens=7).generate(model, ids, mask, 3, tok.eos_token_id, 0)
+    assert fixed.truncated.all() and fixed.completion_mask.all() and fixed.completion_ids.shape[1] == 7
+    with pytest.raises(ValueError, match="rollout.min_new_tokens"):
+        KVCacheSampler(max_new_tokens=4, min_new_tokens=5)
+
+
 def test_eos_as_list_and_no_eos(tiny):
     _, tok, _, _ = tiny
     a, b = _both(tiny, eos=[tok.eos_token_id, tok.convert_tokens_to_ids("a")], max_new_tokens=10)
@@ -211,17 +226,18 @@ def test_chunked_lm_head_config_trains(tmp_path):
 
 
 def test_performance_keys_reach_the_module_and_bad_values_are_named(tmp_path):
-    """share_prompt, lm_head_saved_mib and rollout.share_prefill: config -> module; a negative
+    """share_prompt, lm_head_saved_mib, rollout.share_prefill and rollout.prefix_attention: config -> module; a negative
     lm_head_saved_mib names the key."""
     from rlopt.train import build
     from tests.conftest import compose_train, fit
 
     cfg = compose_train(tmp_path, ["chunked_lm_head=true", "lm_head_saved_mib=64", "share_prompt=false",
-                                   "rollout.share_prefill=false"])
+                                   "rollout.share_prefill=false", "rollout.prefix_attention=repeated"])
     module, _, trainer = fit(cfg)
     assert module.logprobs.saved_mib == 64.0 and not module.logprobs.share_prompt and not module.rollout.share_prefill
-    assert trainer.global_step == 2
+    assert trainer.global_step == 2 and module.rollout.prefix_attention == "repeated"
     default = build(compose_train(tmp_path / "d"))[0]
     assert default.logprobs.share_prompt and default.logprobs.saved_mib == 0.0 and default.rollout.share_prefill
+    assert default.rollout.prefix_attention == "auto"
     with pytest.raises(ValueError, match="lm_head_saved_mib"):
         build(compose_train(tmp_path / "bad", ["lm_head_saved_mib=-1"]))

@@ -110,17 +110,23 @@ def _attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, 
 
 
 @contextlib.contextmanager
-def segment_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s attention layers call the segment attention (registered once)."""
+def attention_function(model: torch.nn.Module, name: str, fn) -> Iterator[None]:
+    """Within the block, ``model``'s attention layers call ``fn``, registered as ``name`` in
+    transformers' ``AttentionInterface``; the configs' implementation is restored on exit."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, _attend)
+    AttentionInterface.register(name, fn)
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
     before = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
-            c._attn_implementation = NAME
+            c._attn_implementation = name
         yield
     finally:
         for k, c in configs.items():
             c._attn_implementation = before[k]
+
+
+def segment_attention(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Within the block, ``model``'s attention layers call the segment attention."""
+    return attention_function(model, NAME, _attend)

@@ -85,10 +85,16 @@ class RolloutEngine:
 
     With sharded weights (FSDP / FSDP2, more than one rank) the module also passes
     ``synced_gpus=True``: every forward is then a collective, so all ranks must keep stepping
-    until every rank is done (a rank that stops early would leave the others waiting forever)."""
+    until every rank is done (a rank that stops early would leave the others waiting forever).
+
+    ``min_new_tokens`` (``rollout.min_new_tokens``, 0 = off): EOS cannot be drawn before that many
+    tokens (its logit set to -inf before the temperature, as transformers'
+    ``MinNewTokensLengthLogitsProcessor`` does; mu is the probability under that rule, while
+    pi_theta's is not, as with top-k / top-p). ``min_new_tokens == max_new_tokens`` gives
+    completions of one fixed length (benchmarks/trl_compare.py ``--fixed-length``)."""
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
-                 dtype: str | None = None, sampler_logp: bool = True) -> None:
+                 dtype: str | None = None, sampler_logp: bool = True, min_new_tokens: int = 0) -> None:
         self.sampler_logp = bool(sampler_logp)  # record mu of each drawn token (false: skip; corrections need it)
         if dtype not in SAMPLER_DTYPES:
             raise ValueError(f"rollout.dtype={dtype!r} is not valid; valid choices: null, {', '.join(SAMPLER_DTYPES[1:])}")
@@ -97,6 +103,8 @@ class RolloutEngine:
         self.top_p = check_range("rollout.top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
         self.top_k = int(check_range("rollout.top_k", top_k, low=0))
         self.max_new_tokens = int(check_range("rollout.max_new_tokens", max_new_tokens, low=1))
+        self.min_new_tokens = int(check_range("rollout.min_new_tokens", min_new_tokens, low=0,
+                                              high=self.max_new_tokens))
 
     def generate(self, model, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
                  eos_token_id, pad_token_id: int, greedy: bool = False, synced_gpus: bool = False) -> Completions:

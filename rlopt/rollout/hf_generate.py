@@ -28,6 +28,8 @@ class HFGenerate(RolloutEngine):
         mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
         record = self.sampler_logp and not greedy
         was_training = model.training
         model.eval()

@@ -21,16 +21,22 @@ writing into one preallocated ``[N, heads, P + max_new_tokens, d]`` buffer and a
 view of the filled prefix: the stock ``DynamicCache`` concatenates (copies) the whole cache every
 step, which measured ~24% of a 14M-parameter model's sampling time on this CPU. Rows that have
 finished are dropped from the forward passes (``prune_finished``), without changing the random
-stream. ``cache="dynamic"`` / ``"static"`` select the stock caches (measured in
+stream. The G samples of a prompt share its prefill (``share_prefill``) and, where it pays, read
+its cache once in every decode step instead of G repeated copies (``prefix_attention``,
+prefix_cache.py). ``cache="dynamic"`` / ``"static"`` select the stock caches (measured in
 docs/performance.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
+from ..logprobs.segments import attention_function
 from ..logprobs.shared_prompt import takes_4d_bool_mask, takes_cache
+from . import prefix_cache
 from .base import Completions, RolloutEngine, completion_mask_from
 
 
@@ -129,20 +135,43 @@ class KVCacheSampler(RolloutEngine):
     The random stream is unchanged by it (one multinomial over all ``[N, V]`` rows per step,
     finished rows keeping their last probabilities). ``share_prefill`` (buffer cache): each
     distinct prompt's prefill runs once and its cache rows are repeated for its ``num_samples``
-    samples. The tokens can differ from ``generate`` only if a smaller batch changes the logits'
-    float rounding (it did not in the tests)."""
+    samples. ``prefix_attention`` (buffer cache, shared prefill): ``"shared"`` keeps each prompt's
+    cache once and its samples' decode steps attend to it through prefix_cache.attend; ``"repeated"``
+    repeats its rows for the G samples; ``"auto"`` shares where the repeated copy of one layer would
+    reach prefix_cache.MIN_REPEATED_MIB. The tokens can differ from ``generate`` only if a smaller
+    batch or the shared-prefix attention changes the logits' float rounding (it did not in the
+    tests)."""
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 16,
                  cache: str = "buffer", prune_finished: bool = True, prune_below: float = 0.75,
-                 share_prefill: bool = True, dtype: str | None = None, sampler_logp: bool = True) -> None:
+                 share_prefill: bool = True, prefix_attention: str = "auto", dtype: str | None = None,
+                 sampler_logp: bool = True, min_new_tokens: int = 0) -> None:
         super().__init__(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, dtype=dtype,
-                         sampler_logp=sampler_logp)
+                         sampler_logp=sampler_logp, min_new_tokens=min_new_tokens)
         if cache not in ("buffer", "dynamic", "static"):
             raise ValueError(f"rollout.cache={cache!r} is not valid; valid choices: buffer, dynamic, static")
         self.cache = cache
         self.prune_finished = bool(prune_finished)
         self.prune_below = float(prune_below)
         self.share_prefill = bool(share_prefill)
+        if prefix_attention not in ("auto", "repeated", "shared"):
+            raise ValueError(f"rollout.prefix_attention={prefix_attention!r} is not valid; valid choices: auto, "
+                             "repeated, shared")
+        self.prefix_attention = prefix_attention
+
+    def _prefix_state(self, model, share: bool, prompt_mask: Tensor, num_samples: int, t_max: int):
+        """The shared-prefix cache and its state (prefix_cache.py), or None for the repeated layout."""
+        if self.prefix_attention == "repeated" or num_samples == 1:  # (one sample a prompt: nothing to share)
+            return None
+        if not (share and prefix_cache.fits(model)):
+            if self.prefix_attention == "shared":
+                raise ValueError("rollout.prefix_attention=shared needs share_prefill=true, cache=buffer "
+                                 f"and a model with SDPA attention (no ALiBi, no soft-capping); "
+                                 f"{type(model).__name__} here: use auto or repeated")
+            return None
+        if self.prefix_attention == "auto" and not prefix_cache.pays(prompt_mask.shape, num_samples, model.config):
+            return None
+        return prefix_cache.prefix_cache(model, t_max, num_samples, prompt_mask)
 
     def _new_cache(self, model, max_len: int):
         from transformers import DynamicCache, DynamicLayer, StaticCache
@@ -181,6 +210,9 @@ class KVCacheSampler(RolloutEngine):
         cache, buffered = self._new_cache(model, p + t_max)
         # the G samples of a prompt share its prefill: B rows through the model, the cache rows repeated
         share = buffered and self.share_prefill and num_samples > 1
+        # ... and their samples' decode steps read its cache once (no repeated rows), when that pays
+        made = self._prefix_state(model, share, prompt_mask, num_samples, t_max)
+        cache, state = made if made is not None else (cache, None)
         # decode steps (one query per row) under SDPA take a [N, 1, 1, P+t] boolean mask as it is (transformers
         # returns a 4D mask unchanged instead of rebuilding it every step); buffer cache: keys == the filled prefix
         mask4 = full_mask.bool()[:, None, None, :] if buffered and has_pad and takes_4d_bool_mask(model) else None
@@ -193,13 +225,17 @@ class KVCacheSampler(RolloutEngine):
         self.last_row_steps = 0  # rows x decode steps computed by the last call (pruning lowers it)
         was_training = model.training
         model.eval()
+        stack = contextlib.ExitStack()  # the decode steps' attention function (shared prefix)
         try:
             if share:
                 out = model(input_ids=prompt_ids, attention_mask=prompt_mask if has_pad else None,
                             position_ids=pos[::num_samples], cache=cache, use_cache=True, logits_to_keep=1)
                 rep = torch.arange(prompt_ids.shape[0], device=dev).repeat_interleave(num_samples)  # [N]
-                for layer in cache.layers:
-                    layer.keep_rows(rep)  # [B, h, P, d] -> [N, h, P, d]
+                if state is None:
+                    for layer in cache.layers:
+                        layer.keep_rows(rep)  # [B, h, P, d] -> [N, h, P, d]
+                else:  # the cache keeps [B, h, P, d]; the decode steps attend through prefix_cache.attend
+                    stack.enter_context(attention_function(model, prefix_cache.NAME, prefix_cache.attend))
                 logits = out.logits[:, -1].index_select(0, rep)  # [N, V]
             else:
                 out = model(input_ids=ids, attention_mask=full_mask[:, :p] if has_pad else None, position_ids=pos,
@@ -208,6 +244,8 @@ class KVCacheSampler(RolloutEngine):
             steps = 0
             for step in range(t_max):
                 scores = logits.float()  # [n_rows, V]
+                if step < self.min_new_tokens and eos.numel():
+                    scores = scores.index_fill(1, eos, float("-inf"))  # no EOS before min_new_tokens
                 if greedy:
                     tok = scores.argmax(dim=-1)
                 else:
@@ -240,16 +278,25 @@ class KVCacheSampler(RolloutEngine):
                     if rows is None:
                         probs = probs.clone()  # it aliased p_rows
                     rows = keep
+                    if state is not None:
+                        state.rows = rows
                 self.last_row_steps += n if rows is None else rows.numel()
                 step_tok = tok[:, None] if rows is None else tok[rows, None]
-                src = full_mask if mask4 is None else mask4
-                step_mask = src[..., :p + steps] if rows is None else src[rows][..., :p + steps]
                 step_pos = next_pos if rows is None else next_pos[rows]
-                out = model(input_ids=step_tok, attention_mask=step_mask if has_pad else None,
-                            position_ids=step_pos, cache=cache, use_cache=True, logits_to_keep=1)
+                if state is not None:  # no mask: the prompts' padding is masked in prefix_cache.attend
+                    out = model(input_ids=step_tok, position_ids=step_pos, cache=cache, use_cache=True,
+                                logits_to_keep=1, rlopt_prefix=state)
+                    if steps == 1:
+                        prefix_cache.check_served(state, model)
+                else:
+                    src = full_mask if mask4 is None else mask4
+                    step_mask = src[..., :p + steps] if rows is None else src[rows][..., :p + steps]
+                    out = model(input_ids=step_tok, attention_mask=step_mask if has_pad else None,
+                                position_ids=step_pos, cache=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1]
                 next_pos = next_pos + 1
         finally:
+            stack.close()
             model.train(was_training)
         comp = out_ids[:, :steps]  # [N, T'] (T' < T when every row stopped early, like generate)
         cmask, truncated = completion_mask_from(comp, eos_token_id)
