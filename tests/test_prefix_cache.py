@@ -119,6 +119,9 @@ def test_a_layer_that_skipped_it_is_an_error():
         prefix_cache.check_served(state, torch.nn.Linear(1, 1))
     with pytest.raises(RuntimeError, match="without its state"):
         prefix_cache.attend(_Attn(), torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), None)
+    with pytest.raises(ValueError, match="one new position a row"):
+        prefix_cache.attend(_Attn(), torch.zeros(2, 1, 2, 1), torch.zeros(2, 1, 2, 1), torch.zeros(2, 1, 2, 1), None,
+                            rlopt_prefix=state)
 
 
 def test_auto_rule():
@@ -129,9 +132,10 @@ def test_auto_rule():
 
     tiny = SimpleNamespace(num_attention_heads=4, num_key_value_heads=4, hidden_size=64, head_dim=None)
     small = SimpleNamespace(num_attention_heads=6, num_key_value_heads=6, hidden_size=384, head_dim=None)
-    assert not prefix_cache.pays(torch.Size([16, 7]), 8, tiny)
-    assert prefix_cache.pays(torch.Size([8, 45]), 8, small)
-    assert not prefix_cache.pays(torch.Size([8, 10]), 8, small)  # 1.9 MiB
+    assert not prefix_cache.pays(torch.ones(16, 7), 8, tiny)
+    assert prefix_cache.pays(torch.ones(8, 45), 8, small)
+    assert not prefix_cache.pays(torch.ones(8, 10), 8, small)  # 1.9 MiB
+    assert not prefix_cache.pays(torch.ones(8, 45, device="meta"), 8, small)  # not measured off the CPU
 
 
 def test_shared_prefix_config_trains(tmp_path):

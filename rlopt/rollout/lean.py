@@ -137,8 +137,8 @@ class KVCacheSampler(RolloutEngine):
     distinct prompt's prefill runs once and its cache rows are repeated for its ``num_samples``
     samples. ``prefix_attention`` (buffer cache, shared prefill): ``"shared"`` keeps each prompt's
     cache once and its samples' decode steps attend to it through prefix_cache.attend; ``"repeated"``
-    repeats its rows for the G samples; ``"auto"`` shares where the repeated copy of one layer would
-    reach prefix_cache.MIN_REPEATED_MIB. The tokens can differ from ``generate`` only if a smaller
+    repeats its rows for the G samples; ``"auto"`` shares on the CPU where the repeated copy of one
+    layer would reach prefix_cache.MIN_REPEATED_MIB. The tokens can differ from ``generate`` only if a smaller
     batch or the shared-prefix attention changes the logits' float rounding (it did not in the
     tests)."""
 
@@ -169,7 +169,7 @@ class KVCacheSampler(RolloutEngine):
                                  f"and a model with SDPA attention (no ALiBi, no soft-capping); "
                                  f"{type(model).__name__} here: use auto or repeated")
             return None
-        if self.prefix_attention == "auto" and not prefix_cache.pays(prompt_mask.shape, num_samples, model.config):
+        if self.prefix_attention == "auto" and not prefix_cache.pays(prompt_mask, num_samples, model.config):
             return None
         return prefix_cache.prefix_cache(model, t_max, num_samples, prompt_mask)
 

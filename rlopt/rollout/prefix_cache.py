@@ -147,8 +147,10 @@ def attend(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, a
                          "attention does not model them: set rollout.prefix_attention=repeated")
     layer = st.layers[module.layer_idx]
     n, h, q_len, d = query.shape
+    if q_len != 1:  # (several new positions would need a causal mask among themselves)
+        raise ValueError(f"shared-prefix attention takes one new position a row (a decode step), got {q_len}")
     hkv = key.shape[1]
-    r = h // hkv * q_len  # queries per KV head (grouped-query attention: head j * h/hkv + i reads KV head j)
+    r = h // hkv  # queries per KV head (grouped-query attention: head j * h/hkv + i reads KV head j)
     b, p = layer.kp.shape[0], layer.kp.shape[-2]
     g, slots = st.groups, b * st.groups
     scale = d ** -0.5 if scaling is None else scaling
@@ -184,11 +186,15 @@ def check_served(state: PrefixState, model: torch.nn.Module) -> None:
 MIN_REPEATED_MIB = 2.0  # the auto rule (pays): measured crossover 1.9-3 MiB, see docs/performance.md
 
 
-def pays(prompt_shape: torch.Size, groups: int, config) -> bool:
-    """``auto``: shared-prefix attention when the repeated prompt cache of one layer (keys and values,
-    ``N * Hkv * P * d`` each) would pass ``MIN_REPEATED_MIB``; below it the decode attention is not
-    bound by reading the cache and the extra kernel calls cost more than they save."""
-    b, p = prompt_shape
+def pays(prompt_mask: Tensor, groups: int, config) -> bool:
+    """``auto``: shared-prefix attention on the CPU when the repeated prompt cache of one layer (keys
+    and values, ``N * Hkv * P * d`` each) would pass ``MIN_REPEATED_MIB``; below it the decode
+    attention is not bound by reading the cache and the extra kernel calls cost more than they save.
+    Measured on the CPU only: on a GPU, where the one SDPA kernel becomes ~12 small ones, ``auto``
+    keeps the repeated cache (``shared`` forces it)."""
+    if prompt_mask.device.type != "cpu":
+        return False
+    b, p = prompt_mask.shape
     heads = getattr(config, "num_attention_heads", 1)
     hkv = getattr(config, "num_key_value_heads", None) or heads
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
