@@ -134,8 +134,7 @@ def worker_rlopt(a) -> dict:
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
                 prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model), worker_peak_rss=sum(worker_rss),
                 rollout_s=[h.get("perf/rollout_s", float("nan")) for h in hist],
-                update_s=[h.get("perf/update_s", float("nan")) for h in hist],
-                worker_sample_s=[h.get("perf/worker_sample_s", float("nan")) for h in hist])
+                update_s=[h.get("perf/update_s", float("nan")) for h in hist])
 
 
 def worker_trl(a) -> dict:

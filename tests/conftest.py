@@ -85,6 +85,28 @@ def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
     return _compose
 
 
+def warmed_tiny_llama(**config) -> tuple[Any, Any]:
+    """The tiny Llama (rlopt.tiny's tokenizer; ``config`` overrides the LlamaConfig fields) after 25
+    steps of supervised warm-up on the reverse task, so sampled rows end with EOS at different
+    steps; in eval mode. Returns ``(model, tokenizer)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlopt.tasks import ReverseTask
+    from rlopt.tiny import build_tokenizer
+    from rlopt.warmup import supervised_warmup
+
+    tok = build_tokenizer()
+    fields = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{**fields, **config}))
+        supervised_warmup(model, tok, ReverseTask().rows("train", 200), steps=25, seed=0)
+    return model.eval(), tok
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
     """The embedded tiny model saved once per session (config, weights, tokenizer)."""

@@ -57,22 +57,10 @@ def test_attend_equals_naive_float64(hkv, pruned):
 def tiny64():
     """A float64 tiny Llama with grouped-query attention (4 heads, 2 KV heads), briefly warmed up so
     rows end at different steps (pruning then drops rows, and slots matter)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import warmed_tiny_llama
 
-    from rlopt.tasks import ReverseTask
-    from rlopt.tiny import build_tokenizer
-    from rlopt.warmup import supervised_warmup
-
-    tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg)
-        supervised_warmup(model, tok, ReverseTask().rows("train", 200), steps=25, seed=0)
-    model = model.double().eval()
+    model, tok = warmed_tiny_llama(intermediate_size=128, num_key_value_heads=2)
+    model = model.double()
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     return model, tok, enc["input_ids"], enc["attention_mask"]
 

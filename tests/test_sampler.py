@@ -15,22 +15,9 @@ PROMPTS = ["abc>", "fedcba>", "a>", "bbbb>"]  # different lengths: left padding
 def tiny():
     """The tiny Llama with a few steps of supervised warm-up, so rows end with EOS at different
     steps (finished rows must emit pad, and the loop must stop when all rows have finished)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import warmed_tiny_llama
 
-    from rlopt.tasks import ReverseTask
-    from rlopt.tiny import build_tokenizer
-    from rlopt.warmup import supervised_warmup
-
-    tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg)
-        supervised_warmup(model, tok, ReverseTask().rows("train", 200), steps=25, seed=0)
-    model.eval()
+    model, tok = warmed_tiny_llama()
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     return model, tok, enc["input_ids"], enc["attention_mask"]
 

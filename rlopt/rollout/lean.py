@@ -215,7 +215,9 @@ class KVCacheSampler(RolloutEngine):
         cache, state = made if made is not None else (cache, None)
         # decode steps (one query per row) under SDPA take a [N, 1, 1, P+t] boolean mask as it is (transformers
         # returns a 4D mask unchanged instead of rebuilding it every step); buffer cache: keys == the filled prefix
-        mask4 = full_mask.bool()[:, None, None, :] if buffered and has_pad and takes_4d_bool_mask(model) else None
+        # (the shared-prefix steps take no mask)
+        ready = buffered and has_pad and state is None and takes_4d_bool_mask(model)
+        mask4 = full_mask.bool()[:, None, None, :] if ready else None
         # synced_gpus (sharded weights, several ranks): every forward is a collective, so all ranks
         # step until every rank is done, with their full batch (no pruning)
         synced = bool(synced_gpus) and torch.distributed.is_available() and torch.distributed.is_initialized()

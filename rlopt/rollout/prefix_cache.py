@@ -121,14 +121,12 @@ class _PrefixLayerMixin:
 
 
 def prefix_cache(model: torch.nn.Module, capacity: int, groups: int, prompt_mask: Tensor):
-    """A ``DynamicCache`` of PrefixLayers (``capacity`` decode positions each) and its state;
-    ``None`` when the config's cache has layers other than plain ``DynamicLayer`` (sliding window,
-    linear attention). ``prompt_mask``: ``[B, P]`` of the distinct prompts."""
-    from transformers import DynamicCache, DynamicLayer
+    """A ``DynamicCache`` of PrefixLayers (``capacity`` decode positions each) and its state, for a
+    model whose cache layers are all plain ``DynamicLayer`` (the sampler's buffer cache checked it).
+    ``prompt_mask``: ``[B, P]`` of the distinct prompts."""
+    from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):
-        return None
     cache.layers = [_prefix_layer_class()(capacity) for _ in cache.layers]
     bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
     bias = bias.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]  # [B, 1, 1, P]
