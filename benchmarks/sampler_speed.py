@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rlopt.rollout import HFGenerate
     from rlopt.rollout.lean import KVCacheSampler
-    from trl_work import SIZES, _task, prepare_model
+    from trl_work import SIZES, _task, prepare_model  # benchmarks/ is this script's folder
 
     torch.set_num_threads(a.threads)
     spec = SIZES[a.size]

@@ -14,7 +14,8 @@ TRL worker can import the shared task and reward code (``rlopt.tasks``, ``rlopt.
 Identical work, per configuration:
 * the model: a Llama config (char tokenizer of rlopt.tiny) built with a fixed seed, given the
   same short supervised warm-up (rlopt.warmup, so completions end with EOS at plausible
-  lengths), saved once with ``save_pretrained`` and loaded by both workers (float32);
+  lengths), saved once with ``save_pretrained`` and loaded by both workers (float32; ``--dtype
+  bfloat16``: both load and train it in bf16, TRL with ``bf16=False`` so no autocast on top);
 * the prompts: the procedural reverse task (rlopt.tasks.ReverseTask; its rows are random
   strings already), taken in order by both (TRL ``shuffle_dataset=False``, rlopt
   ``PromptDataModule(shuffle=False)``): the same 8 prompts at step k in both, checked (each step's
@@ -105,11 +106,11 @@ def ensure_trl_venv(venv: str) -> str:
     return py
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     torch.mm(a, b)
     ts = []
     for _ in range(repeats):
@@ -128,7 +129,7 @@ def run_worker(python: str, framework: str, size: str, algo: str, model_dir: str
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--size", size, "--algo", algo,
            "--model-dir", model_dir, "--steps", str(a.steps_for[size]), "--threads", str(threads),
            "--worker-threads", str(a.worker_threads), "--rlopt-staleness", str(a.rlopt_staleness),
-           "--rlopt-correction", a.rlopt_correction] + (["--borrow-threads"] if a.borrow_threads else []) + (
+           "--rlopt-correction", a.rlopt_correction, "--dtype", a.dtype] + (["--borrow-threads"] if a.borrow_threads else []) + (
            ["--fixed-length"] if a.fixed_length else []) + [
            "--seed", str(a.seed), "--rlopt-rollout", a.rlopt_rollout] + (["--profile"] if a.profile else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fixed-length", action="store_true",
                     help="every completion runs to the budget in both frameworks (min_new_tokens = max_new_tokens): "
                          "the same tokens per step by construction")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="both frameworks load the model in this dtype and train it there (bfloat16: pure bf16, "
+                         "no float32 master weights, in both)")
     ap.add_argument("--rlopt-correction", default="none",
                     help="rlopt: behaviour correction for stale data (none, bypass = clip against the sampler, tis, ...)")
     ap.add_argument("--seed", type=int, default=0)
@@ -247,13 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     pythons = {"rlopt": sys.executable, "rlopt_async": sys.executable}
     if "trl" in frameworks:
         pythons["trl"] = ensure_trl_venv(a.trl_venv)
-    ceiling = matmul_gflops(a.threads)
+    ceiling = matmul_gflops(a.threads, dtype=a.dtype)
     import platform
 
     import torch
 
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-          f"{torch.__version__}, {a.threads} torch threads per worker; float32 matmul ceiling "
+          f"{torch.__version__}, {a.threads} torch threads per worker; model in {a.dtype}; {a.dtype} matmul ceiling "
           f"{ceiling:.1f} GFLOP/s (torch.mm 2048^3, median of 5)", flush=True)
     t_start = time.perf_counter()
     results = []

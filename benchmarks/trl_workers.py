@@ -75,7 +75,7 @@ def worker_rlopt(a) -> dict:
 
     spec, algo = SIZES[a.size], ALGOS[a.algo]
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype))
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     rss_loaded = _rss_mb()
     rec = Recorder()
@@ -133,6 +133,7 @@ def worker_rlopt(a) -> dict:
     hist = module.history
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
                 prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model), worker_peak_rss=sum(worker_rss),
+                dtype=str(next(model.parameters()).dtype),
                 rollout_s=[h.get("perf/rollout_s", float("nan")) for h in hist],
                 update_s=[h.get("perf/update_s", float("nan")) for h in hist])
 
@@ -147,7 +148,7 @@ def worker_trl(a) -> dict:
 
     spec, algo = SIZES[a.size], ALGOS[a.algo]
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype))
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     tok.padding_side = "left"
     rss_loaded = _rss_mb()
@@ -195,4 +196,5 @@ def worker_trl(a) -> dict:
     wall = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
     return dict(times=times, wall=wall, rss_loaded=rss_loaded, rewards=rec.rewards, tokens=rec.tokens,
-                prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model))
+                prompt_tokens=rec.prompt_tokens, prompts=rec.prompts, params=param_count(model),
+                dtype=str(next(model.parameters()).dtype))

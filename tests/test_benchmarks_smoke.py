@@ -36,3 +36,19 @@ def test_update_forward_runs(env):
     row = next(line for line in out.splitlines() if line.startswith("| tiny"))
     diff = float(row.rsplit("difference", 1)[1].strip(" )"))
     assert diff < 1e-4  # the four forwards' log-probs agree
+
+
+def test_trl_compare_rlopt_worker_trains_in_bf16(env):
+    """trl_compare's rlopt worker (the async pipeline) with ``--dtype bfloat16``: the policy, the
+    worker's copy and the weights pushed to it in bf16; three steps run and are scored."""
+    import json
+
+    path = _run(dict(env, PYTHONPATH=str(BENCH)), "-c", "from trl_work import prepare_model; "
+                "print(prepare_model('tiny', 0))").strip().splitlines()[-1]
+    out = _run(env, BENCH / "trl_compare.py", "--worker", "rlopt_async", "--size", "tiny", "--algo", "grpo",
+               "--model-dir", path, "--steps", "3", "--threads", "1", "--worker-threads", "1", "--rlopt-staleness", "0",
+               "--rlopt-correction", "bypass", "--dtype", "bfloat16", "--seed", "0", "--rlopt-rollout", "lean")
+    res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert res["dtype"] == "torch.bfloat16"  # the policy trained in bf16, after the run
+    assert len(res["rewards"]) == 3 and len(res["times"]) == 3
+    assert all(0.0 <= r <= 1.0 for r in res["rewards"])
