@@ -65,12 +65,15 @@ These are *nominal* FLOPs: every completion's prompt is counted, as a plain forw
 ``[prompt + completion]`` rows computes it. rlopt runs each distinct prompt once per pass and
 shares its KV cache with the G completions (``share_prompt``, ``share_prefill``), so it
 executes fewer FLOPs than the nominal count, and its "fraction of the ceiling" can exceed 100%.
+The speed verdict (``speed_ratios``) pairs each rlopt run with the TRL run beside it and reports
+the geometric mean of the per-pair samples/s ratios with a bootstrap interval against ``--floor``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -194,6 +197,28 @@ def reward_over_seeds(results: list[dict], frameworks: list[str], seeds: list[in
                       f"{' (resolved)' if c['resolved'] else ' (unresolved)'}")
 
 
+def speed_ratios(results: list[dict], variants: list[str], floor: float) -> None:
+    """Each rlopt run against the TRL run next to it (same seed and repeat, run one after the other):
+    the per-pair samples/s ratios, their geometric mean with a 95% bootstrap interval (the mean of
+    the log-ratios, rlopt.stats.interval) and a verdict against ``floor``: met (the interval above
+    it), not met (below), unresolved (it straddles the floor). Pairs rather than medians, as the
+    machine's speed drifts between pairs more than within one."""
+    from rlopt.stats import interval
+
+    for r in results:
+        for fw in variants:
+            pairs = list(zip(r[fw]["runs"], r["trl"]["runs"]))
+            logs = [math.log(o["samples_s"] / t["samples_s"]) for o, t in pairs]
+            iv = interval(logs) if len(logs) > 1 else {"mean": logs[0], "mean_lo": math.nan, "mean_hi": math.nan}
+            lo, mid, hi = (math.exp(iv[k]) for k in ("mean_lo", "mean", "mean_hi"))
+            verdict = "met" if lo >= floor else "not met" if hi < floor else "unresolved"
+            if len(logs) == 1:
+                verdict = "not judged (one pair)"
+            print(f"- {r['size']} {r['algo']} {fw} / trl, samples/s per pair: "
+                  f"{', '.join(f'{math.exp(v):.2f}x' for v in logs)}; geometric mean {mid:.2f}x [{lo:.2f}, {hi:.2f}]: "
+                  f"{floor:g}x {verdict}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="tiny,small")
@@ -231,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="any of rlopt, rlopt_async (offpolicy.async: a rollout worker process), trl")
     ap.add_argument("--profile", action="store_true", help="torch profiler table of each worker (stderr)")
     ap.add_argument("--json", default=None, help="also write all results to this file")
+    ap.add_argument("--floor", type=float, default=2.0, help="the samples/s ratio over TRL the verdict is against")
     # worker mode (internal)
     ap.add_argument("--worker", choices=["rlopt", "rlopt_async", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
@@ -313,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"| {o['tokens_s']:.0f} | {t['tokens_s']:.0f} | {o['tokens_s'] / t['tokens_s']:.2f}x | {o['peak_rss']:.0f} | {t['peak_rss']:.0f} "
                       f"| {o['reward_first']:.3f} -> {o['reward_last']:.3f} | {t['reward_first']:.3f} -> "
                       f"{t['reward_last']:.3f} | {100 * o['ceiling_frac']:.1f}% | {100 * t['ceiling_frac']:.1f}% |")
+        print()
+        speed_ratios(results, variants, a.floor)
     if len(seeds) > 1:
         reward_over_seeds(results, frameworks, seeds)
     if a.json:

@@ -52,3 +52,17 @@ def test_trl_compare_rlopt_worker_trains_in_bf16(env):
     assert res["dtype"] == "torch.bfloat16"  # the policy trained in bf16, after the run
     assert len(res["rewards"]) == 3 and len(res["times"]) == 3
     assert all(0.0 <= r <= 1.0 for r in res["rewards"])
+
+
+@pytest.mark.parametrize("rlopt_s, trl_s, verdict", [
+    ([22.0, 24.0, 23.0], [10.0, 10.0, 10.0], "2x met"),  # every pair >= 2.2x: the interval is above 2
+    ([18.0, 19.0, 18.5], [10.0, 10.0, 10.0], "2x not met"),  # every pair <= 1.9x: below 2
+    ([18.0, 23.0, 18.0, 23.0], [10.0, 10.0, 10.0, 10.0], "2x unresolved"),  # 1.8x and 2.3x pairs straddle 2
+])
+def test_trl_compare_speed_verdict(env, rlopt_s, trl_s, verdict):
+    """trl_compare's verdict on the samples/s ratio, from pairs whose ratios are known by hand."""
+    code = ("import trl_compare as tc; runs = lambda xs: dict(runs=[dict(samples_s=x) for x in xs]); "
+            f"tc.speed_ratios([dict(size='small', algo='grpo', rlopt_async=runs({rlopt_s}), trl=runs({trl_s}))], "
+            "['rlopt_async'], 2.0)")
+    out = _run(dict(env, PYTHONPATH=str(BENCH)), "-c", code)
+    assert out.strip().endswith(verdict), out
