@@ -3,6 +3,7 @@ shared setup of benchmarks/trl_work.py, and a rename there once broke one of the
 Figures are not checked here (speed claims live in the benchmarks' own output), only that each
 script runs and that its engines / forwards agree."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,10 +40,8 @@ def test_update_forward_runs(env):
 
 
 def test_trl_compare_rlopt_worker_trains_in_bf16(env):
-    """trl_compare's rlopt worker (the async pipeline) with ``--dtype bfloat16``: the policy, the
-    worker's copy and the weights pushed to it in bf16; three steps run and are scored."""
-    import json
-
+    """trl_compare's rlopt worker (the async pipeline) with ``--dtype bfloat16``: three steps run and
+    are scored, the policy still in bf16 after them (the worker samples with a copy of it)."""
     path = _run(dict(env, PYTHONPATH=str(BENCH)), "-c", "from trl_work import prepare_model; "
                 "print(prepare_model('tiny', 0))").strip().splitlines()[-1]
     out = _run(env, BENCH / "trl_compare.py", "--worker", "rlopt_async", "--size", "tiny", "--algo", "grpo",
