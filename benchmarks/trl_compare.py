@@ -113,7 +113,8 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5, dtype: str = "f
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     torch.mm(a, b)
     ts = []
     for _ in range(repeats):
@@ -209,14 +210,14 @@ def speed_ratios(results: list[dict], variants: list[str], floor: float) -> None
         for fw in variants:
             pairs = list(zip(r[fw]["runs"], r["trl"]["runs"]))
             logs = [math.log(o["samples_s"] / t["samples_s"]) for o, t in pairs]
-            iv = interval(logs) if len(logs) > 1 else {"mean": logs[0], "mean_lo": math.nan, "mean_hi": math.nan}
+            line = f"- {r['size']} {r['algo']} {fw} / trl, samples/s per pair: {', '.join(f'{math.exp(v):.2f}x' for v in logs)}"
+            if len(logs) < 2:
+                print(f"{line}; {floor:g}x not judged (one pair)")
+                continue
+            iv = interval(logs)
             lo, mid, hi = (math.exp(iv[k]) for k in ("mean_lo", "mean", "mean_hi"))
             verdict = "met" if lo >= floor else "not met" if hi < floor else "unresolved"
-            if len(logs) == 1:
-                verdict = "not judged (one pair)"
-            print(f"- {r['size']} {r['algo']} {fw} / trl, samples/s per pair: "
-                  f"{', '.join(f'{math.exp(v):.2f}x' for v in logs)}; geometric mean {mid:.2f}x [{lo:.2f}, {hi:.2f}]: "
-                  f"{floor:g}x {verdict}")
+            print(f"{line}; geometric mean {mid:.2f}x [{lo:.2f}, {hi:.2f}]: {floor:g}x {verdict}")
 
 
 def main(argv: list[str] | None = None) -> None:
